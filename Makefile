@@ -1,0 +1,37 @@
+# Two entry points: `make demo` and `make test`. Each creates .venv when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.zerotune-installed
+
+.PHONY: demo test test-all venv lint clean
+
+venv: $(STAMP)
+
+# No NVIDIA GPU: install the CPU build of torch first, so that nothing pulls the CUDA build.
+# With a GPU: the normal (CUDA) build from the index.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    $(PY) -m pip install 'torch>=2.4'; \
+	else \
+	    $(PY) -m pip install torch==2.13.0 || \
+	    $(PY) -m pip install torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/zerotune run profiles/demo.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	ZEROTUNE_SLOW=1 $(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check engine tui tests bench
+
+clean:
+	rm -rf $(VENV)

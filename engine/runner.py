@@ -1,0 +1,231 @@
+"""From a validated profile to a started run: freeze it into a run directory, generate the
+DeepSpeed JSON and launcher command, check the hardware, and hand the run to its supervisor.
+
+Run directory (``runs/<run-id>/``): profile.yaml (frozen, fully resolved), ds_config.json,
+command.txt, launch.json (what the supervisor starts), environment.json (versions, host, git
+commit, data fingerprints), events.jsonl, engine.log, checkpoints/, model/.
+"""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import json
+import os
+import platform
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from engine.dsconfig import Placement, build_ds_config, resolve_placement
+from engine.launcher import LaunchCommand, build_command
+from engine.profile import LoadedProfile, Problem, ProfileError, dump_yaml, resolved_paths
+
+VERSIONED = ("python", "torch", "deepspeed", "transformers", "trl", "peft", "datasets",
+             "accelerate", "tokenizers", "zerotune")
+
+
+def new_run_id() -> str:
+    """Time-ordered and unique: 8 hex digits of time plus 4 random ones."""
+    return f"{int(time.time() * 16) & 0xFFFFFFFFF:09x}{secrets.token_hex(2)}"[-12:]
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def data_fingerprints(lp: LoadedProfile) -> dict[str, str]:
+    from engine.data_formats import data_files
+
+    d = lp.profile.data
+    paths = d.train if isinstance(d.train, list) else [d.train]
+    if d.validation:
+        paths = [*paths, d.validation]
+    out: dict[str, str] = {}
+    for value in paths:
+        path = lp.resolve_path(value)
+        if path is None or not path.exists():
+            continue
+        for f in data_files(path):
+            out[str(f)] = file_sha256(f)
+    return out
+
+
+def combined_fingerprint(prints: dict[str, str]) -> str:
+    blob = json.dumps(sorted(prints.values())).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _version(dist: str) -> str | None:
+    if dist == "python":
+        return platform.python_version()
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit(path: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(lp: LoadedProfile, placement: Placement, prints: dict[str, str]) -> dict[str, Any]:
+    from engine.hardware import local_gpus
+
+    gpus = local_gpus()
+    return {
+        "versions": {k: _version(k) for k in VERSIONED},
+        "host": socket.gethostname(),
+        "user": getpass.getuser(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "gpus": list(gpus.names),
+        "placement": placement.__dict__,
+        "git_commit": git_commit(lp.base_dir),
+        "profile_source": str(lp.source) if lp.source else None,
+        "data_files": prints,
+        "data_fingerprint": combined_fingerprint(prints),
+        "created_at": time.time(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Hardware checks at launch (not at validation: a laptop may plan for a GPU server)
+# --------------------------------------------------------------------------------------------
+
+
+def preflight(lp: LoadedProfile, placement: Placement) -> tuple[list[Problem], list[str]]:
+    """Problems that stop this launch on this machine, and warnings."""
+    from engine.hardware import local_gpus
+
+    p = lp.profile
+    gpus = local_gpus()
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    if placement.device == "gpu" and gpus.count == 0:
+        problems.append(Problem("resources.device", f"device: gpu, but this machine has no usable GPU ({gpus.reason}); "
+                                "use device: auto or cpu"))
+    if placement.device == "gpu" and p.resources.num_nodes == 1 and placement.gpus_per_node > gpus.count > 0:
+        problems.append(Problem("resources.gpus_per_node", f"asks for {placement.gpus_per_node} GPUs; this machine has {gpus.count}"))
+    if p.method.adapter == "qlora":
+        if gpus.count == 0:
+            problems.append(Problem("method.adapter", "qlora quantises the base model with bitsandbytes, which needs "
+                                    f"an NVIDIA GPU; this machine has none ({gpus.reason}). Use adapter: lora here"))
+        else:
+            try:
+                metadata.version("bitsandbytes")
+            except metadata.PackageNotFoundError:
+                problems.append(Problem("method.adapter", "qlora needs bitsandbytes: pip install bitsandbytes"))
+    if placement.device == "cpu" and placement.dtype == "fp16":
+        problems.append(Problem("model.dtype", "fp16 training needs a GPU (the CPU has no fp16 loss scaling kernels); use fp32 or bf16"))
+    if p.inference.mode == "deepspeed" and p.inference.kernel_inject and gpus.count == 0:
+        warnings.append("inference.kernel_inject: no GPU here, DeepSpeed-Inference will use the plain engine without fused kernels")
+    if "nvme" in (p.deepspeed.offload_optimizer, p.deepspeed.offload_param):
+        path = Path(p.deepspeed.nvme_path or "")
+        if not path.exists():
+            problems.append(Problem("deepspeed.nvme_path", f"folder not found: {path}"))
+    return problems, warnings
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing and starting
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreparedRun:
+    run_id: str
+    run_dir: Path
+    placement: Placement
+    command: LaunchCommand
+    warnings: list[str] = field(default_factory=list)
+
+
+def prepare_run(
+    lp: LoadedProfile,
+    runs_dir: Path,
+    *,
+    resume_from: Path | None = None,
+    parent_run_id: str | None = None,
+    relation: str | None = None,
+    node_rank: int | None = None,
+    run_id: str | None = None,
+    check_hardware: bool = True,
+) -> PreparedRun:
+    """Freeze the profile into a new run directory; raise ProfileError if it cannot launch here."""
+    placement = resolve_placement(lp)
+    warnings = list(lp.warnings)
+    if check_hardware:
+        problems, more = preflight(lp, placement)
+        warnings += more
+        if problems:
+            file = str(lp.source) if lp.source else None
+            for pr in problems:
+                pr.file = file
+            raise ProfileError(problems, file)
+    run_id = run_id or new_run_id()
+    run_dir = (runs_dir / run_id).resolve()
+    run_dir.mkdir(parents=True, exist_ok=node_rank not in (None, 0))
+    frozen = resolved_paths(lp)
+    ds_config = build_ds_config(lp, placement)
+    engine_args = ["--resume-from", str(resume_from)] if resume_from else []
+    cmd = build_command(lp, placement, run_dir, node_rank=node_rank, engine_args=engine_args)
+    prints = data_fingerprints(lp)
+    env = environment(lp, placement, prints)
+    (run_dir / "profile.yaml").write_text(frozen.to_yaml())
+    (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    (run_dir / "command.txt").write_text(cmd.shell() + "\n")
+    (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
+    estimate = _estimate(lp, placement)
+    launch = {
+        "run_id": run_id,
+        "name": lp.profile.name,
+        "argv": cmd.argv,
+        "env": cmd.env,
+        "cwd": str(Path.cwd()),
+        "method": lp.profile.method.kind,
+        "adapter": lp.profile.method.adapter,
+        "zero_stage": lp.profile.deepspeed.zero_stage,
+        "model": lp.profile.model.path or (lp.profile.model.config or {}).get("model_type", "scratch"),
+        "world_size": placement.world_size,
+        "device": placement.device,
+        "dtype": placement.dtype,
+        "parent_run_id": parent_run_id,
+        "relation": relation,
+        "resume_from": str(resume_from) if resume_from else None,
+        "profile_hash": frozen.content_hash(),
+        "data_fingerprint": env["data_fingerprint"],
+        "estimate": estimate,
+        "sample_interval": float(os.environ.get("ZEROTUNE_SAMPLE_INTERVAL", "2.0")),
+        "node_rank": node_rank or 0,
+    }
+    (run_dir / "launch.json").write_text(json.dumps(launch, indent=2) + "\n")
+    return PreparedRun(run_id, run_dir, placement, cmd, warnings)
+
+
+def _estimate(lp: LoadedProfile, placement: Placement) -> dict[str, Any] | None:
+    """The memory estimate to store beside the measured peaks, when the estimator can tell."""
+    try:
+        from engine.estimate import estimate_profile
+    except ImportError:
+        return None
+    try:
+        return estimate_profile(lp.profile)
+    except Exception as exc:  # the estimate is advice; it never blocks a launch
+        print(f"warning: no memory estimate: {exc}", file=sys.stderr)
+        return None
