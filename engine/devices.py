@@ -10,6 +10,8 @@ error.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import threading
 import time
@@ -47,7 +49,7 @@ def clamp_interval(interval: float | None) -> float:
         value = float(interval)
     except (TypeError, ValueError):
         return DEFAULT_INTERVAL_S
-    if value != value:  # NaN
+    if math.isnan(value):
         return DEFAULT_INTERVAL_S
     return max(MIN_INTERVAL_S, value)
 
@@ -87,7 +89,7 @@ class _Nvml:
             wanted = range(count) if indices is None else [i for i in indices if 0 <= i < count]
             self._handles = [(i, nv.nvmlDeviceGetHandleByIndex(i)) for i in wanted]
             self.available = bool(self._handles)
-        except Exception as exc:  # no driver, no library, no GPU: all the same state
+        except Exception as exc:  # noqa: BLE001 - no driver, no library, no GPU: one state
             self.error = f"{type(exc).__name__}: {exc}"
             self.available = False
         return self.available
@@ -98,7 +100,7 @@ class _Nvml:
             return None
         try:
             return fn(*args)
-        except Exception:  # NVMLError_NotSupported and friends
+        except Exception:  # noqa: BLE001 - NVMLError_NotSupported and friends: N/A
             return None
 
     def sample(self, t: float, pids: set[int]) -> list[DeviceSample]:
@@ -139,10 +141,8 @@ class _Nvml:
 
     def shutdown(self) -> None:
         if self.available:
-            try:
+            with contextlib.suppress(Exception):
                 self._module.nvmlShutdown()
-            except Exception:
-                pass
         self.available = False
 
 

@@ -133,7 +133,7 @@ def engine_ranks(pgid: int, leader_started: float | None = None) -> list[psutil.
         except psutil.Error:
             continue
     ranks = []
-    for pid, proc in with_rank.items():
+    for proc in with_rank.values():
         try:
             if proc.ppid() not in with_rank:
                 ranks.append(proc)
@@ -260,7 +260,7 @@ LOG_PATTERNS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"DefaultCPUAllocator: can't allocate memory|\bMemoryError\b|"
                 r"Cannot allocate memory"), "out of host memory"),
     (re.compile(r"Watchdog caught collective operation timeout|NCCL.*[Tt]ime(d )?out|"
-                r"ProcessGroupNCCL.*timeout", re.S), "NCCL timeout: a rank stopped communicating"),
+                r"ProcessGroupNCCL.*timeout", re.DOTALL), "NCCL timeout: a rank stopped communicating"),
     (re.compile(r"[Gg]loo.*[Tt]imed? ?out|Timed out waiting.*gloo"),
      "gloo timeout: a rank stopped communicating"),
     (re.compile(r"NCCL error|ncclInternalError|ncclSystemError|ncclUnhandledCudaError"),
@@ -272,8 +272,8 @@ LOG_PATTERNS: list[tuple[re.Pattern[str], str]] = [
 _MISSING_MODULE = re.compile(r"ModuleNotFoundError: No module named '([^']+)'")
 _RETURN_CODE = re.compile(r"exits with return code = (-?\d+)")
 _TORCHRUN_EXIT = re.compile(r"exitcode\s*:\s*(-?\d+)")
-_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)): (.+)$", re.M)
-_KILLED_LINE = re.compile(r"^Killed$", re.M)
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception|Interrupt)): (.+)$", re.MULTILINE)
+_KILLED_LINE = re.compile(r"^Killed$", re.MULTILINE)
 
 
 def read_log_tail(path: Path, max_bytes: int = LOG_TAIL_BYTES) -> str:
@@ -544,7 +544,7 @@ class Supervisor:
                 if rec.flush_due():
                     rec.flush()
                 _reap_orphans(proc.pid)
-            except Exception:  # keep supervising; the run matters more than one iteration
+            except Exception:  # noqa: BLE001 - keep supervising; one bad iteration is not the run
                 errors += 1
                 if errors <= 20:
                     _log("error in the supervisor loop:\n" + traceback.format_exc())
@@ -581,7 +581,7 @@ class Supervisor:
                 rec.finish("failed", None, reason)
                 rec.flush()
             db.close()
-        except Exception as exc:  # nothing more we can do; the log has it
+        except Exception as exc:  # noqa: BLE001 - nothing more to do; the log has it
             _log(f"could not record the failure: {exc}")
 
 
