@@ -41,10 +41,10 @@ class EventWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(self.path, "a", encoding="utf-8")
 
-    def emit(self, kind: str, **fields: Any) -> dict[str, Any]:
-        if kind not in EVENT_KINDS:
-            raise ValueError(f"unknown event kind {kind!r}")
-        record = {"event": kind, "t": time.time(), **fields}
+    def emit(self, event: str, /, **fields: Any) -> dict[str, Any]:
+        if event not in EVENT_KINDS:
+            raise ValueError(f"unknown event kind {event!r}")
+        record = {"event": event, "t": time.time(), **fields}
         self._fh.write(json.dumps(record, default=_json_default) + "\n")
         self._fh.flush()
         return record

@@ -229,3 +229,123 @@ def _estimate(lp: LoadedProfile, placement: Placement) -> dict[str, Any] | None:
     except Exception as exc:  # the estimate is advice; it never blocks a launch
         print(f"warning: no memory estimate: {exc}", file=sys.stderr)
         return None
+
+
+def start_run(
+    lp: LoadedProfile,
+    workspace: Path,
+    *,
+    resume_from: Path | None = None,
+    parent_run_id: str | None = None,
+    relation: str | None = None,
+    node_rank: int | None = None,
+    run_id: str | None = None,
+) -> PreparedRun:
+    """Prepare the run directory and start its detached supervisor."""
+    from engine.supervisor import spawn_supervisor
+    from engine.workspace import db_path, runs_dir
+
+    if resume_from is not None:
+        resume_from = Path(resume_from).resolve()
+        problem = checkpoint_problem(resume_from, None)
+        if problem:
+            raise ProfileError([Problem("", problem, str(resume_from))], str(resume_from))
+    runs = runs_dir(workspace)
+    runs.mkdir(parents=True, exist_ok=True)
+    prepared = prepare_run(lp, runs, resume_from=resume_from, parent_run_id=parent_run_id,
+                           relation=relation, node_rank=node_rank, run_id=run_id)
+    spawn_supervisor(prepared.run_dir, db_path(workspace))
+    return prepared
+
+
+# --------------------------------------------------------------------------------------------
+# Lineage: resume and rerun
+# --------------------------------------------------------------------------------------------
+
+
+class LineageError(Exception):
+    """A run cannot be resumed or re-run; the message says why and what to do."""
+
+
+def checkpoint_problem(ckpt: Path, world_size: int | None) -> str | None:
+    """Why a checkpoint cannot be resumed from (None when it can)."""
+    from engine.train import COMPLETE_MARKER
+
+    if not ckpt.is_dir():
+        return f"checkpoint not found: {ckpt}"
+    marker = ckpt / COMPLETE_MARKER
+    if not marker.exists() or not (ckpt / "trainer_state.json").exists():
+        return (f"checkpoint {ckpt.name} is incomplete (the run ended while saving it); "
+                "resume from an earlier one with zerotune run PROFILE --resume-from DIR")
+    if world_size is not None:
+        saved = json.loads(marker.read_text()).get("world_size")
+        if saved and saved != world_size:
+            tags = sorted(p.name for p in ckpt.glob("global_step*"))
+            tag = tags[-1] if tags else "global_stepN"
+            return (f"checkpoint {ckpt.name} was written by {saved} ranks; this launch has {world_size}. "
+                    "A ZeRO checkpoint is partitioned per rank: convert it to a universal checkpoint "
+                    f"with: python -m deepspeed.checkpoint.ds_to_universal --input_folder {ckpt / tag} "
+                    f"--output_folder {ckpt / (tag + '_universal')}, or set resources.gpus_per_node to {saved}")
+    return None
+
+
+def newest_complete_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint with its completion marker, and notes on newer incomplete ones."""
+    from engine.train import COMPLETE_MARKER
+
+    notes: list[str] = []
+    ckpts = sorted((run_dir / "checkpoints").glob("checkpoint-*"),
+                   key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1,
+                   reverse=True)
+    for c in ckpts:
+        if (c / COMPLETE_MARKER).exists() and (c / "trainer_state.json").exists():
+            return c, notes
+        notes.append(f"skipped incomplete checkpoint {c.name}")
+    return None, notes
+
+
+def _frozen(run_dir: Path) -> LoadedProfile:
+    from engine.profile import load_profile
+
+    path = run_dir / "profile.yaml"
+    if not path.exists():
+        raise LineageError(f"{run_dir} has no frozen profile.yaml; it cannot be replayed")
+    return load_profile(path)
+
+
+def _run_dir(workspace: Path, run_id: str) -> Path:
+    from engine.history import get_run, open_db, run_dir_of
+    from engine.workspace import db_path
+
+    db = open_db(db_path(workspace))
+    try:
+        row = get_run(db, run_id)
+    finally:
+        db.close()
+    rd = run_dir_of(row)
+    if rd is None or not rd.exists():
+        raise LineageError(f"the run directory of {run_id} is gone")
+    return rd
+
+
+def resume_run(workspace: Path, run_id: str) -> PreparedRun:
+    """Continue a run from its newest complete checkpoint, as a new run linked to it."""
+    rd = _run_dir(workspace, run_id)
+    lp = _frozen(rd)
+    ckpt, notes = newest_complete_checkpoint(rd)
+    for n in notes:
+        print(f"note: {n}", file=sys.stderr)
+    if ckpt is None:
+        raise LineageError(f"run {run_id} has no complete checkpoint to resume from; "
+                           f"re-run it instead: zerotune runs rerun {run_id}")
+    placement = resolve_placement(lp)
+    problem = checkpoint_problem(ckpt, placement.world_size)
+    if problem:
+        raise LineageError(problem)
+    return start_run(lp, workspace, resume_from=ckpt, parent_run_id=run_id, relation="resume")
+
+
+def rerun_run(workspace: Path, run_id: str) -> PreparedRun:
+    """The same frozen profile again, as a new run linked to the first."""
+    rd = _run_dir(workspace, run_id)
+    return start_run(_frozen(rd), workspace, parent_run_id=run_id, relation="rerun")

@@ -524,7 +524,10 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
 
             train_ds = Dataset.from_list(dpo_rows(train_rows))
             eval_ds = Dataset.from_list(dpo_rows(val_rows)) if val_rows else None
-            trainer = DPOTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+            # Full fine-tuning needs an explicit frozen copy of the starting model as reference
+            # (with an adapter, the reference is the base model with the adapter disabled).
+            ref_model = build_model(p, tokenizer, dtype) if peft_config is None else None
+            trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
     info["trainable_params"] = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     signal.signal(signal.SIGTERM, _on_sigterm)
