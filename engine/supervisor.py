@@ -38,7 +38,7 @@ import psutil
 
 from engine.devices import DeviceSampler, visible_gpu_indices
 from engine.events import EventTail
-from engine.history import HistoryError, RunRecorder, open_db, register_run
+from engine.history import FINAL_STATUSES, HistoryError, RunRecorder, open_db, register_run
 
 POLL_INTERVAL_S = 0.5
 # After the launcher exits, how long to wait for the rest of its process group.
@@ -219,12 +219,15 @@ def stop(run: dict[str, Any], kill: bool = False) -> str:
     process group. With the supervisor gone, the engine is signalled directly. Raises
     NotRunning when no process of the run is alive.
     """
+    status = run.get("recorded_status") or run.get("status")
+    if status in FINAL_STATUSES:
+        raise NotRunning(f"run {run['id']} has already ended (status: {status})")
     sup_alive = process_alive(run.get("supervisor_pid"), run.get("supervisor_started"))
     pgid, started = run.get("launcher_pgid"), run.get("launcher_started")
     grp_alive = group_alive(pgid, started)
     if not sup_alive and not grp_alive:
-        status = run.get("recorded_status") or run.get("status")
-        raise NotRunning(f"run {run['id']} is not running (status: {status})")
+        raise NotRunning(f"run {run['id']} has no live process (status: {status}); "
+                         "it will be marked lost")
     if kill:
         done = []
         if sup_alive:
