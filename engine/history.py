@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlite_utils import Database
 
 BUSY_TIMEOUT_S = 5.0
 STALL_MINUTES_DEFAULT = 10.0
@@ -125,7 +124,7 @@ RUN_COLUMNS: dict[str, type] = {
 }
 
 
-def _migration_1_initial(db: Database) -> None:
+def _migration_1_initial(db: HistoryDB) -> None:
     db["runs"].create(RUN_COLUMNS, pk="id", not_null={"status"})
     db["runs"].create_index(["created_at"], index_name="runs_created")
     db["runs"].create_index(["status", "created_at"], index_name="runs_status_created")
@@ -161,11 +160,50 @@ def _migration_1_initial(db: Database) -> None:
 
 
 # Ordered: migration i brings the schema from version i to i + 1. Append, never edit.
-MIGRATIONS: list[Callable[[Database], None]] = [_migration_1_initial]
+MIGRATIONS: list[Callable[[HistoryDB], None]] = [_migration_1_initial]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> Database:
+class HistoryDB:
+    """An open history database: a sqlite3 connection, with sqlite-utils on demand.
+
+    Queries go straight to :attr:`conn`. sqlite-utils imports pandas and numpy when they are
+    installed (about 0.3 s), so it is loaded only for schema work (migrations) or when
+    :attr:`utils` is asked for; starting the CLI or the TUI stays fast.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path):
+        self.conn = conn
+        self.path = path
+        self._utils: Any = None
+
+    @property
+    def utils(self) -> Any:
+        """A ``sqlite_utils.Database`` on the same connection."""
+        if self._utils is None:
+            from sqlite_utils import Database
+
+            self._utils = Database(self.conn)
+        return self._utils
+
+    def __getitem__(self, table: str) -> Any:
+        return self.utils[table]
+
+    def table_names(self) -> list[str]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> HistoryDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> HistoryDB:
     """Open (creating if needed) the history database at ``path``.
 
     Sets WAL mode, a busy timeout and applies pending migrations. The connection may be used
@@ -176,7 +214,7 @@ def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> Database:
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_S, check_same_thread=False)
     conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
-    db = Database(conn)
+    db = HistoryDB(conn, path)
     _retry_locked(lambda: conn.execute("PRAGMA journal_mode = WAL"))
     conn.execute("PRAGMA synchronous = NORMAL")  # durable enough in WAL mode, much faster
     if migrate:
@@ -197,11 +235,11 @@ def _retry_locked(fn: Callable[[], Any], attempts: int = 20) -> Any:
     return None
 
 
-def schema_version(db: Database) -> int:
+def schema_version(db: HistoryDB) -> int:
     return int(db.conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate_db(db: Database) -> int:
+def migrate_db(db: HistoryDB) -> int:
     """Apply pending migrations in one write transaction; returns the schema version."""
     if schema_version(db) == SCHEMA_VERSION:
         return SCHEMA_VERSION
@@ -219,7 +257,7 @@ def migrate_db(db: Database) -> int:
 
 
 @contextmanager
-def write_transaction(db: Database) -> Iterator[Database]:
+def write_transaction(db: HistoryDB) -> Iterator[HistoryDB]:
     """A write transaction that takes the write lock up front.
 
     ``BEGIN IMMEDIATE`` waits on the busy timeout for the lock; a deferred ``BEGIN`` that later
@@ -241,7 +279,7 @@ def write_transaction(db: Database) -> Iterator[Database]:
 # Reading
 
 
-def _rows(db: Database, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict]:
+def _rows(db: HistoryDB, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict]:
     cur = db.conn.execute(sql, params)
     keys = [d[0] for d in cur.description]
     return [dict(zip(keys, row)) for row in cur.fetchall()]
@@ -274,7 +312,7 @@ def _decorate(run: dict[str, Any], now: float, stall_minutes: float | None) -> d
     return run
 
 
-def list_runs(db: Database, status: str | Iterable[str] | None = None, name: str | None = None,
+def list_runs(db: HistoryDB, status: str | Iterable[str] | None = None, name: str | None = None,
               limit: int | None = 50, stall_minutes: float | None = None) -> list[dict[str, Any]]:
     """Runs newest first, optionally filtered by status (one or several) and name substring.
 
@@ -310,7 +348,7 @@ def list_runs(db: Database, status: str | Iterable[str] | None = None, name: str
     return runs
 
 
-def resolve_run_id(db: Database, id_or_prefix: str) -> str:
+def resolve_run_id(db: HistoryDB, id_or_prefix: str) -> str:
     """The full id of the run whose id is, or uniquely starts with, ``id_or_prefix``."""
     key = (id_or_prefix or "").strip()
     if not key:
@@ -333,14 +371,14 @@ def resolve_run_id(db: Database, id_or_prefix: str) -> str:
     return found[0]
 
 
-def get_run(db: Database, id_or_prefix: str, stall_minutes: float | None = None) -> dict[str, Any]:
+def get_run(db: HistoryDB, id_or_prefix: str, stall_minutes: float | None = None) -> dict[str, Any]:
     """One run row by id or unique id prefix; raises RunNotFound / AmbiguousRunId."""
     run_id = resolve_run_id(db, id_or_prefix)
     rows = _rows(db, "SELECT * FROM runs WHERE id = ?", (run_id,))
     return _decorate(rows[0], time.time(), stall_minutes)
 
 
-def run_children(db: Database, run_id: str) -> list[dict[str, Any]]:
+def run_children(db: HistoryDB, run_id: str) -> list[dict[str, Any]]:
     """Runs that resumed or re-ran this one (id, name, status, relation), oldest first."""
     return _rows(
         db,
@@ -350,7 +388,7 @@ def run_children(db: Database, run_id: str) -> list[dict[str, Any]]:
     )
 
 
-def run_metrics(db: Database, run_id: str, names: Iterable[str] | None = None,
+def run_metrics(db: HistoryDB, run_id: str, names: Iterable[str] | None = None,
                 after_step: int | None = None) -> dict[str, list[tuple[int, float | None]]]:
     """Metric series of a run: ``{name: [(step, value), ...]}`` in step order.
 
@@ -376,7 +414,7 @@ def run_metrics(db: Database, run_id: str, names: Iterable[str] | None = None,
     return out
 
 
-def metric_summary(db: Database, run_id: str) -> dict[str, dict[str, Any]]:
+def metric_summary(db: HistoryDB, run_id: str) -> dict[str, dict[str, Any]]:
     """Per metric name: last value (at the highest step), min, max, count, last step."""
     stats = db.conn.execute(
         "SELECT name, min(value), max(value), count(*) FROM metrics WHERE run_id = ? "
@@ -398,7 +436,7 @@ def metric_summary(db: Database, run_id: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def run_events(db: Database, run_id: str, kinds: Iterable[str] | None = None,
+def run_events(db: HistoryDB, run_id: str, kinds: Iterable[str] | None = None,
                after_id: int | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Events of a run in order, payload decoded; ``after_id`` for polling."""
     where, params = ["run_id = ?"], [run_id]
@@ -423,7 +461,7 @@ def run_events(db: Database, run_id: str, kinds: Iterable[str] | None = None,
     return out
 
 
-def device_samples(db: Database, run_id: str, device: str | None = None,
+def device_samples(db: HistoryDB, run_id: str, device: str | None = None,
                    after_t: float | None = None) -> list[dict[str, Any]]:
     """Raw device samples of a run in time order (for charts)."""
     where, params = ["run_id = ?"], [run_id]
@@ -441,7 +479,7 @@ def device_samples(db: Database, run_id: str, device: str | None = None,
     )
 
 
-def device_summary(db: Database, run_id: str) -> list[dict[str, Any]]:
+def device_summary(db: HistoryDB, run_id: str) -> list[dict[str, Any]]:
     """Per device of a run: sample count, mean/peak utilisation and memory, power, temperature.
 
     For ``kind == "host"`` rows ``util`` is the CPU % of the run's process tree (100 = one core)
@@ -467,7 +505,7 @@ def run_dir_of(run: dict[str, Any]) -> Path | None:
 # Maintenance: delete, reconcile
 
 
-def delete_run(db: Database, run_id: str, remove_dir: bool = False) -> dict[str, Any]:
+def delete_run(db: HistoryDB, run_id: str, remove_dir: bool = False) -> dict[str, Any]:
     """Delete a run's rows (and with ``remove_dir`` its run directory).
 
     Refuses (RunActive) while the run is starting or running. Returns counts of deleted rows.
@@ -494,7 +532,7 @@ def delete_run(db: Database, run_id: str, remove_dir: bool = False) -> dict[str,
     return counts
 
 
-def reconcile(db: Database, now: float | None = None,
+def reconcile(db: HistoryDB, now: float | None = None,
               is_alive: Callable[[dict[str, Any]], bool] | None = None) -> list[str]:
     """Mark ``lost`` the runs recorded as starting/running whose processes are all gone.
 
@@ -524,7 +562,7 @@ def reconcile(db: Database, now: float | None = None,
     return lost
 
 
-def _mark_lost(db: Database, run: dict[str, Any], now: float) -> bool:
+def _mark_lost(db: HistoryDB, run: dict[str, Any], now: float) -> bool:
     # One transaction from the re-check to the write, so two CLIs reconciling at once do not
     # both record the trailing events.
     with write_transaction(db):
@@ -633,7 +671,7 @@ def _data_fingerprint(path: Path) -> str | None:
     return None
 
 
-def upsert_run(db: Database, run_id: str, fields: dict[str, Any]) -> None:
+def upsert_run(db: HistoryDB, run_id: str, fields: dict[str, Any]) -> None:
     """Update one run row, inserting it when missing (inside the caller's transaction)."""
     fields = {k: v for k, v in fields.items() if k in RUN_COLUMNS and k != "id"}
     if fields:
@@ -650,7 +688,7 @@ def upsert_run(db: Database, run_id: str, fields: dict[str, Any]) -> None:
     )
 
 
-def register_run(db: Database, launch: dict[str, Any], run_dir: str | os.PathLike[str],
+def register_run(db: HistoryDB, launch: dict[str, Any], run_dir: str | os.PathLike[str],
                  status: str = "starting") -> str:
     """Create the row of a run about to start (status ``starting``); returns the run id.
 
@@ -675,7 +713,7 @@ class RunRecorder:
     keeps its buffers for the next try instead of losing rows.
     """
 
-    def __init__(self, db: Database, run_id: str, flush_interval: float = 1.0,
+    def __init__(self, db: HistoryDB, run_id: str, flush_interval: float = 1.0,
                  max_buffer: int = 2000):
         self.db = db
         self.run_id = run_id

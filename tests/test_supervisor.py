@@ -246,7 +246,8 @@ def test_two_runs_write_one_database_while_it_is_listed(tmp_path):
         while not done.is_set() and len(cli_results) < 50:
             out = subprocess.run(
                 [PY, "-m", "engine.runs_cli", "runs", "list", "--json",
-                 "--workspace", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+                 "--workspace", str(tmp_path)], capture_output=True, text=True, cwd=REPO,
+                check=False)
             cli_results.append((out.returncode, out.stdout, out.stderr))
 
     thread = threading.Thread(target=cli_loop)
@@ -329,8 +330,8 @@ LAUNCH_PY_KILLED = (
     (-9, "", {"host_mem_frac": 0.97}, "out of host memory (killed by the kernel)"),
     (-15, "", {}, "killed by signal 15 (SIGTERM)"),
     (1, "RuntimeError: CUDA error: out of memory\n" + LAUNCH_PY_KILLED, {}, "out of GPU memory"),
-    (1, "[E ProcessGroupNCCL.cpp:475] Watchdog caught collective operation timeout: "
-        "WorkNCCL(SeqNum=1) ran for 1800000 ms before timing out.\n", {},
+    (1, ("[E ProcessGroupNCCL.cpp:475] Watchdog caught collective operation timeout: "
+         "WorkNCCL(SeqNum=1) ran for 1800000 ms before timing out.\n"), {},
      "NCCL timeout: a rank stopped communicating"),
     (1, "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out\n", {},
      "gloo timeout: a rank stopped communicating"),
