@@ -25,8 +25,10 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 BUSY_TIMEOUT_S = 5.0
 STALL_MINUTES_DEFAULT = 10.0
@@ -196,7 +198,7 @@ class HistoryDB:
     def close(self) -> None:
         self.conn.close()
 
-    def __enter__(self) -> HistoryDB:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
