@@ -273,34 +273,43 @@ class DataCheck:
     bad: list[DataError]
 
 
+def _first_row_format(row: Row, method: str, fmt: str | None, columns: dict[str, str]) -> str:
+    """The format of the data (detected when ``fmt`` is None), checked against the method
+    and the columns of the first row."""
+    present = set(row.data) | {k for k, v in columns.items() if v in row.data}
+    if fmt is None:
+        fmt = detect_format(present)
+        if fmt is None:
+            wanted = " or ".join("/".join(FORMAT_COLUMNS[f]) for f in METHOD_FORMATS[method])
+            raise DataError(row.file, row.line, f"cannot tell the data format from the columns "
+                            f"{', '.join(sorted(row.data)) or 'none'}; {method} needs {wanted} "
+                            "(set data.format and data.columns)")
+    if fmt not in METHOD_FORMATS[method]:
+        need = " or ".join(METHOD_FORMATS[method])
+        raise DataError(row.file, None, f"{method} cannot train on {fmt} data; it needs {need} "
+                        f"(columns {', '.join(FORMAT_COLUMNS[METHOD_FORMATS[method][0]])})")
+    need: tuple[str, ...] = FORMAT_COLUMNS[fmt]
+    if fmt == "prompt_completion" and {"instruction", "output"} <= present:
+        need = ()
+    elif fmt == "messages" and "conversations" in present:
+        need = ()
+    elif fmt == "preference":
+        need = ("chosen", "rejected")  # the prompt may be inside the conversations
+    if any(c not in present for c in need):
+        raise DataError(row.file, row.line, missing_columns_message(fmt, set(row.data), method))
+    return fmt
+
+
 def check_file(path: Path, method: str, fmt: str, columns: dict[str, str], on_bad_rows: str) -> DataCheck:
     """Read every row of ``path``; find the format, and every malformed or unusable row."""
     errors: list[DataError] = []
     rows = 0
     resolved = None if fmt == "auto" else fmt
+    first = True
     for row in iter_raw_rows(path, errors):
-        if resolved is None:
-            cols = {columns.get(k, k) for k in row.data} | {k for k, v in columns.items() if v in row.data}
-            resolved = detect_format(cols)
-            if resolved is None:
-                wanted = " or ".join(
-                    "/".join(FORMAT_COLUMNS[f]) for f in METHOD_FORMATS[method])
-                raise DataError(row.file, row.line, f"cannot tell the data format from the columns "
-                                f"{', '.join(sorted(row.data)) or 'none'}; {method} needs {wanted} "
-                                "(set data.format and data.columns)")
-            if resolved not in METHOD_FORMATS[method]:
-                raise DataError(row.file, None, f"{method} cannot train on {resolved} data; it needs "
-                                f"{' or '.join(METHOD_FORMATS[method])} (columns {', '.join(FORMAT_COLUMNS[METHOD_FORMATS[method][0]])})")
-            need = FORMAT_COLUMNS[resolved]
-            present = set(row.data) | {k for k, v in columns.items() if v in row.data}
-            if resolved == "prompt_completion" and {"instruction", "output"} <= present:
-                need = ()
-            if resolved == "messages" and "conversations" in present:
-                need = ()
-            if resolved == "preference":
-                need = ("chosen", "rejected")
-            if any(c not in present and columns.get(c, c) not in row.data for c in need):
-                raise DataError(row.file, row.line, missing_columns_message(resolved, set(row.data), method))
+        if first:
+            first = False
+            resolved = _first_row_format(row, method, resolved, columns)
         try:
             normalize_row(row.data, resolved, columns)
         except ValueError as exc:
@@ -310,7 +319,8 @@ def check_file(path: Path, method: str, fmt: str, columns: dict[str, str], on_ba
     if resolved is None:
         raise DataError(str(path), None, "no rows: the data holds no usable row")
     if rows == 0:
-        raise DataError(str(path), None, f"no usable rows ({len(errors)} bad)")
+        first_bad = f"; first: {errors[0]}" if errors else ""
+        raise DataError(str(path), None, f"no usable rows ({len(errors)} bad{first_bad})")
     return DataCheck(resolved, rows, errors)
 
 

@@ -143,6 +143,7 @@ class TrainingSpec(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk")
     log_every: int = Field(1, ge=1, description="Step events every N steps")
     eval_max_rows: int | None = Field(None, ge=1, description="Cap on held-out rows evaluated")
+    eval_on_start: bool = Field(True, description="Evaluate once before training: the starting point")
 
 
 class DeepSpeedSpec(Section):
@@ -473,7 +474,8 @@ def _combination_problems(p: Profile, lp: LoadedProfile) -> list[Problem]:
     if m.adapter == "qlora" and (p.model.dtype == "fp32"):
         out.append(Problem("model.dtype", "qlora computes in bf16 or fp16; set model.dtype: bf16 (or auto)"))
     if p.model.init == "scratch" and m.adapter != "none":
-        out.append(Problem("method.adapter", "an adapter on a randomly initialised model learns nothing useful; use adapter: none with init: scratch"))
+        lp.warnings.append("method.adapter: an adapter on a randomly initialised model learns little; "
+                           "this is only useful to try the pipeline")
     if p.model.init == "scratch":
         if not p.model.config and not p.model.path:
             out.append(Problem("model.config", "init: scratch needs model.config (with model_type) or model.path to a config"))

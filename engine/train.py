@@ -390,6 +390,7 @@ def training_arguments(p: Profile, run_dir: Path, ds_config: dict, dtype: str, d
         logging_steps=t.log_every,
         logging_first_step=True,
         eval_strategy="steps" if has_eval else "no",
+        eval_on_start=has_eval and t.eval_on_start,
         eval_steps=t.eval_every,
         save_strategy="steps",
         save_steps=t.save_every,

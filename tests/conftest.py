@@ -1,0 +1,89 @@
+"""Shared test helpers: tiny profiles, temporary workspaces and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+PROFILES = REPO / "profiles"
+ZEROTUNE = [sys.executable, "-m", "engine.cli"]
+
+# The smallest Llama-shaped model that still trains: seconds per run on 2 CPU cores.
+TINY_LLAMA = {
+    "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("ZEROTUNE_SLOW") or "slow" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow end-to-end case: run with ZEROTUNE_SLOW=1 (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def sample_rows(kind: str, n: int | None = None) -> list[dict[str, Any]]:
+    """Rows of the shipped demo data (real text), for the given method."""
+    name = {"cpt": "owasp-text.jsonl", "sft": "owasp-sft.jsonl", "dpo": "owasp-dpo.jsonl",
+            "chat": "owasp-chat.jsonl"}[kind]
+    rows = [json.loads(line) for line in (PROFILES / "data" / name).read_text().split("\n") if line]
+    return rows[:n] if n else rows
+
+
+def tiny_profile(tmp: Path, kind: str = "cpt", *, name: str | None = None, data_rows: int = 120,
+                 **sections: dict[str, Any]) -> Path:
+    """Write a tiny runnable profile (and its data) into ``tmp``; sections override defaults."""
+    data_kind = kind
+    method = "sft" if kind == "chat" else kind
+    data = write_jsonl(tmp / f"{data_kind}.jsonl", sample_rows(data_kind, data_rows))
+    prof: dict[str, Any] = {
+        "name": name or f"t-{kind}",
+        "seed": 7,
+        "model": {"init": "scratch", "config": dict(TINY_LLAMA), "tokenizer_vocab_size": 320},
+        "data": {"train": data.name, "max_seq_len": 64, "validation_split": 0.1},
+        "method": {"kind": method},
+        "training": {"max_steps": 6, "micro_batch_size": 2, "lr": 1.0e-3, "eval_every": 3,
+                     "save_every": 3, "keep_checkpoints": 2, "eval_max_rows": 8,
+                     "warmup_ratio": 0.0},
+        "deepspeed": {"zero_stage": 2},
+    }
+    for key, value in sections.items():
+        prof.setdefault(key, {}).update(value)
+    path = tmp / f"{prof['name']}.yaml"
+    path.write_text(yaml.safe_dump(prof, sort_keys=False))
+    return path
+
+
+def zerotune(*args: str, cwd: Path | None = None, timeout: float = 600,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The CLI as a subprocess, with stdin closed (as in CI)."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run([*ZEROTUNE, *args], cwd=cwd or REPO, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=full_env)
+
+
+def read_events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "events.jsonl"
+    return [json.loads(line) for line in path.read_text().split("\n") if line.strip()]
+
+
+def only_run_dir(workspace: Path) -> Path:
+    dirs = [d for d in (workspace / "runs").iterdir() if d.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
