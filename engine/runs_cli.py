@@ -381,7 +381,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     add(("created", f"{fmt_time(r.get('created_at'))}   ran {fmt_duration(_duration_of(r))}"
                     + (f"   ended {fmt_time(r['ended_at'])}" if r.get("ended_at") else "")))
     add(("steps", _steps(r)))
-    loss = (f"final {fmt_num(r.get('final_loss'))}   eval {fmt_num(r.get('final_eval_loss'))}"
+    last = "final" if r["recorded_status"] in history.FINAL_STATUSES else "latest"
+    loss = (f"{last} {fmt_num(r.get('final_loss'))}   eval {fmt_num(r.get('final_eval_loss'))}"
             f"   best eval {fmt_num(r.get('best_eval_loss'))}"
             f"   perplexity {fmt_num(r.get('perplexity'))}")
     add(("loss", loss))
@@ -406,7 +407,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     profile = report["profile"]
     if profile:
         flat = flatten(profile)
+        adapter = flat.get("method.adapter")
         for key in PROFILE_SUMMARY_KEYS:
+            if key.startswith("method.lora.") and adapter in (None, "none"):
+                continue
             if key in flat and flat[key] is not None:
                 add((f"  {key}", _show_value(flat[key])))
     if report["warnings"]:
