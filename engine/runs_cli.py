@@ -44,6 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "directory)")
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON to stdout")
+    stall = argparse.ArgumentParser(add_help=False)
+    stall.add_argument("--stall-minutes", type=float, default=None, metavar="N",
+                       help="show a running run as stalled after N minutes without an event "
+                            f"(default: ${history.STALL_ENV} or {history.STALL_MINUTES_DEFAULT:g})")
 
     runs = subparsers.add_parser(
         "runs", help="list, inspect, stop, resume and compare runs",
@@ -52,13 +56,13 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     sub = runs.add_subparsers(dest="runs_command", metavar="COMMAND")
     runs.set_defaults(func=lambda args: _usage(runs))
 
-    p = sub.add_parser("list", parents=[common, as_json], help="runs, newest first")
+    p = sub.add_parser("list", parents=[common, as_json, stall], help="runs, newest first")
     p.add_argument("--status", choices=history.STATUSES, help="only runs with this status")
     p.add_argument("--name", help="only runs whose name contains this text")
     p.add_argument("--limit", type=int, default=50, help="at most N runs (default 50; 0: all)")
     p.set_defaults(func=_guarded(cmd_list))
 
-    p = sub.add_parser("show", parents=[common, as_json],
+    p = sub.add_parser("show", parents=[common, as_json, stall],
                        help="one run: profile summary, status, reason, losses, memory")
     p.add_argument("id", help="run id or unique prefix")
     p.set_defaults(func=_guarded(cmd_show))
@@ -305,7 +309,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         db = _open(args)
         runs = history.list_runs(db, status=args.status, name=args.name,
-                                 limit=args.limit or None)
+                                 limit=args.limit or None, stall_minutes=args.stall_minutes)
     if args.json:
         _print_json(runs)
         return EXIT_OK
@@ -334,9 +338,9 @@ PROFILE_SUMMARY_KEYS = (
 )
 
 
-def show_report(db, run_id: str) -> dict[str, Any]:
+def show_report(db, run_id: str, stall_minutes: float | None = None) -> dict[str, Any]:
     """Everything ``runs show`` prints, as one dict (the --json output)."""
-    run = history.get_run(db, run_id)
+    run = history.get_run(db, run_id, stall_minutes=stall_minutes)
     profile = load_profile(run)
     warnings = [e["payload"].get("message") for e in
                 history.run_events(db, run["id"], kinds=["warning"], limit=50)]
@@ -359,7 +363,7 @@ def show_report(db, run_id: str) -> dict[str, Any]:
 
 def cmd_show(args: argparse.Namespace) -> int:
     db = _open(args)
-    report = show_report(db, args.id)
+    report = show_report(db, args.id, stall_minutes=args.stall_minutes)
     if args.json:
         _print_json(report)
         return EXIT_OK

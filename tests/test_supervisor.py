@@ -211,6 +211,19 @@ def test_stop_kill_sigkills_the_group_and_says_so(tmp_path):
         stop(run)
 
 
+def test_logs_follow_prints_the_engine_log_until_the_run_ends(tmp_path):
+    make_run(tmp_path, "tailme", "--steps", "12", "--step-time", "0.1", launcher="fake")
+    spawn_supervisor(tmp_path / "runs" / "tailme", db_of(tmp_path))
+    wait_for(tmp_path, "tailme", lambda r: r["recorded_status"] == "running")
+    out = subprocess.run(
+        [PY, "-m", "engine.runs_cli", "runs", "logs", "tail", "-f", "--workspace", str(tmp_path)],
+        capture_output=True, text=True, cwd=REPO, timeout=30, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "rank 0: training 12 steps" in out.stdout and "rank 0: done" in out.stdout
+    assert "completed" in out.stderr
+    assert wait_for(tmp_path, "tailme", ended)["status"] == "completed"
+
+
 def test_kill_9_of_the_supervisor_leaves_the_run_lost_not_running(tmp_path):
     make_run(tmp_path, "orphan", "--steps", "25", "--step-time", "0.04")
     sup = spawn_supervisor(tmp_path / "runs" / "orphan", db_of(tmp_path))
