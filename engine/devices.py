@@ -36,6 +36,9 @@ class DeviceSample:
     power_w: float | None = None
     temp_c: float | None = None
     proc_mem: int | None = None  # memory of the run's own processes (RSS on the host)
+    # Host only: sum over the run's processes of the kernel's peak RSS (VmHWM). Sampling every
+    # 2 s misses millisecond peaks; the high-water mark does not.
+    proc_mem_peak: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -185,9 +188,10 @@ class ProcessTree:
         self._procs = current
         return list(current.values())
 
-    def usage(self) -> tuple[float, int, set[int]]:
-        """(CPU % since the previous call, total RSS bytes, pids) of the tree."""
-        cpu, rss, pids = 0.0, 0, set()
+    def usage(self) -> tuple[float, int, int | None, set[int]]:
+        """(CPU % since the previous call, total RSS, total peak RSS or None, pids)."""
+        cpu, rss, hwm, pids = 0.0, 0, 0, set()
+        hwm_known = True
         for proc in self.processes():
             try:
                 with proc.oneshot():
@@ -198,7 +202,24 @@ class ProcessTree:
                 pids.add(proc.pid)
             except psutil.Error:
                 continue
-        return cpu, rss, pids
+            peak = peak_rss(proc.pid)
+            if peak is None:
+                hwm_known = False
+            else:
+                hwm += peak
+        return cpu, rss, (hwm if hwm_known and pids else None), pids
+
+
+def peak_rss(pid: int) -> int | None:
+    """The kernel's high-water mark of a process's RSS (Linux VmHWM), None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class DeviceSampler:
@@ -237,13 +258,13 @@ class DeviceSampler:
         """One batch now: the host row, then one row per GPU."""
         t = time.time()
         if self.tree is not None:
-            cpu, rss, pids = self.tree.usage()
+            cpu, rss, hwm, pids = self.tree.usage()
         else:
-            cpu, rss, pids = None, None, set()
+            cpu, rss, hwm, pids = None, None, None, set()
         vm = psutil.virtual_memory()
         batch = [DeviceSample(t=t, device="host", kind="host", util=cpu,
                               mem_used=int(vm.total - vm.available), mem_total=int(vm.total),
-                              proc_mem=rss)]
+                              proc_mem=rss, proc_mem_peak=hwm)]
         if self.gpu_available:
             batch.extend(self._nvml.sample(t, pids))
         with self._lock:

@@ -393,8 +393,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     add(("speed", f"{fmt_num(r.get('tokens_per_s'))} tokens/s"))
     add(("gpu memory", _measured_vs_estimate(r.get("peak_gpu_mem_bytes"),
                                              r.get("est_peak_gpu_bytes"), "peak")))
-    add(("host memory", _measured_vs_estimate(r.get("peak_host_rss_bytes"),
-                                              r.get("est_peak_host_bytes"), "peak RSS")))
+    host = _measured_vs_estimate(r.get("peak_host_hwm_bytes") or r.get("peak_host_rss_bytes"),
+                                 r.get("est_peak_host_bytes"),
+                                 "peak RSS" if r.get("peak_host_hwm_bytes") else "sampled peak RSS")
+    if r.get("peak_host_hwm_bytes"):
+        host += f"   (sampled every {r.get('sample_interval') or 2:g}s: " \
+                f"{fmt_bytes(r.get('peak_host_rss_bytes'))})"
+    add(("host memory", host))
     if r.get("mean_gpu_util") is not None:
         add(("gpu util", f"mean {r['mean_gpu_util']:.0f}%   peak {r['peak_gpu_util']:.0f}%"))
     if r.get("mean_cpu_percent") is not None:
@@ -567,7 +572,8 @@ COMPARE_FIELDS = (
     "status", "reason", "method", "adapter", "zero_stage", "world_size", "model", "last_step",
     "total_steps", "final_loss", "final_eval_loss", "best_eval_loss", "perplexity",
     "tokens_per_s", "wall_time", "peak_gpu_mem_bytes", "est_peak_gpu_bytes",
-    "peak_host_rss_bytes", "est_peak_host_bytes", "mean_gpu_util", "mean_cpu_percent",
+    "peak_host_rss_bytes", "peak_host_hwm_bytes", "est_peak_host_bytes", "mean_gpu_util",
+    "mean_cpu_percent",
     "profile_hash", "data_fingerprint",
 )
 

@@ -87,6 +87,7 @@ def test_host_sample_measures_the_whole_process_tree(busy_child):
     host = batch[0]
     rss = sum(psutil.Process(p).memory_info().rss for p in (proc.pid, grandchild))
     assert host.proc_mem >= 80 * 2**20
+    assert host.proc_mem_peak >= host.proc_mem  # the kernel's high-water mark
     assert abs(host.proc_mem - rss) < 16 * 2**20
     assert 40.0 <= host.util <= 210.0  # one busy core, measured since the previous sample
     vm = psutil.virtual_memory()

@@ -76,24 +76,35 @@ def test_migrations_run_once_and_refuse_a_newer_schema(tmp_path):
         open_db(path)
 
 
-def test_migrations_from_an_empty_file_are_applied_in_order(tmp_path, monkeypatch):
+def test_a_v1_database_is_migrated_in_order_keeping_its_rows(tmp_path, monkeypatch):
+    path = tmp_path / "history.db"
+    # A database as the first release wrote it: migration 1 only.
+    monkeypatch.setattr(history, "MIGRATIONS", history.MIGRATIONS[:1])
+    monkeypatch.setattr(history, "SCHEMA_VERSION", 1)
+    db = open_db(path)
+    add_run(db, "old-run")
+    assert "peak_host_hwm_bytes" not in db["runs"].columns_dict
+    db.close()
+    monkeypatch.undo()
+
     applied = []
 
-    def second(db):
-        applied.append(2)
+    def later(db):
+        applied.append(len(history.MIGRATIONS))
         db.conn.execute("ALTER TABLE runs ADD COLUMN note TEXT")
 
-    path = tmp_path / "history.db"
-    open_db(path).close()
-    monkeypatch.setattr(history, "MIGRATIONS", [*history.MIGRATIONS, second])
+    monkeypatch.setattr(history, "MIGRATIONS", [*history.MIGRATIONS, later])
     monkeypatch.setattr(history, "SCHEMA_VERSION", len(history.MIGRATIONS))
     db = open_db(path)
-    assert applied == [2]
-    assert history.schema_version(db) == 2
-    assert "note" in db["runs"].columns_dict
+    assert history.schema_version(db) == len(history.MIGRATIONS)
+    assert applied == [len(history.MIGRATIONS)]
+    columns = db["runs"].columns_dict
+    assert "peak_host_hwm_bytes" in columns and "note" in columns
+    assert "proc_mem_peak" in db["device_samples"].columns_dict
+    assert history.get_run(db, "old-run")["status"] == "completed"
     db.close()
     open_db(path).close()
-    assert applied == [2]
+    assert len(applied) == 1
 
 
 def test_list_runs_newest_first_with_filters(db):
@@ -162,7 +173,7 @@ def test_recorder_writes_events_metrics_and_run_figures(db, tmp_path):
         {"t": 1.0, "device": "gpu0", "kind": "gpu", "util": 80.0, "mem_used": 900,
          "mem_total": 1000, "proc_mem": 700},
         {"t": 3.0, "device": "host", "kind": "host", "util": 150.0, "mem_used": 10,
-         "mem_total": 100, "proc_mem": 500},
+         "mem_total": 100, "proc_mem": 500, "proc_mem_peak": 640},
         {"t": 3.0, "device": "gpu0", "kind": "gpu", "util": 40.0, "mem_used": 950,
          "mem_total": 1000, "proc_mem": None},
     ])
@@ -177,6 +188,7 @@ def test_recorder_writes_events_metrics_and_run_figures(db, tmp_path):
     assert run["tokens_per_s"] == 1000.0
     assert run["est_peak_gpu_bytes"] == 5 * 2**30 and run["est_peak_host_bytes"] == 2**30
     assert run["peak_gpu_mem_bytes"] == 950 and run["peak_host_rss_bytes"] == 500
+    assert run["peak_host_hwm_bytes"] == 640
     assert run["mean_cpu_percent"] == pytest.approx(100.0)
     assert run["mean_gpu_util"] == pytest.approx(60.0)
     metrics = history.run_metrics(db, "r1")
