@@ -211,6 +211,26 @@ def spawn_supervisor(run_dir: str | os.PathLike[str], db_path: str | os.PathLike
     return proc.pid
 
 
+def catches_signal(pid: int, sig: int) -> bool | None:
+    """Whether a process has a handler for ``sig`` (Linux: SigCgt), None when unknown."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (int(sig) - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _wait_until_catching(pid: int, sig: int, timeout: float = 10.0) -> None:
+    # A supervisor that is still importing has not installed its handlers yet, and the
+    # default action of SIGTERM/SIGUSR1 would kill it instead of stopping the run.
+    deadline = time.monotonic() + timeout
+    while catches_signal(pid, sig) is False and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def stop(run: dict[str, Any], kill: bool = False) -> str:
     """Stop a run given its row (``engine.history.get_run``); returns what was done.
 
@@ -231,12 +251,14 @@ def stop(run: dict[str, Any], kill: bool = False) -> str:
     if kill:
         done = []
         if sup_alive:
+            _wait_until_catching(run["supervisor_pid"], KILL_SIGNAL)
             os.kill(run["supervisor_pid"], KILL_SIGNAL)
             done.append("told the supervisor")
         if grp_alive:
             done.append(signal_engine(pgid, signal.SIGKILL, started))
         return "; ".join(done)
     if sup_alive:
+        _wait_until_catching(run["supervisor_pid"], STOP_SIGNAL)
         os.kill(run["supervisor_pid"], STOP_SIGNAL)
         return ("asked the supervisor to stop the run: the engine finishes its step, saves a "
                 "checkpoint and exits")

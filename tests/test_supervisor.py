@@ -371,3 +371,16 @@ def test_end_classification():
     assert classify_end(0, saw_done=False, stopped_event={"step": 7, "checkpoint": None},
                         error_event=None, **common) == (
         "stopped", "stopped on request at step 7; no checkpoint saved")
+
+
+def test_stop_right_after_spawning_stops_before_the_engine_starts(tmp_path):
+    run_dir = make_run(tmp_path, "early", "--steps", "400", "--step-time", "0.05")
+    spawn_supervisor(run_dir, db_of(tmp_path))
+    db = open_db(db_of(tmp_path))
+    run = history.get_run(db, "early")
+    db.close()
+    assert run["recorded_status"] in ("starting", "running")
+    stop(run)  # the supervisor may still be importing: the stop must not kill it
+    run = wait_for(tmp_path, "early", ended)
+    assert run["status"] == "stopped"
+    assert run["reason"].startswith("stopped on request")
