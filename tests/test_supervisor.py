@@ -293,7 +293,7 @@ def test_two_runs_write_one_database_while_it_is_listed(tmp_path):
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_run_survives_the_tmux_session_that_started_it(tmp_path):
-    run_dir = make_run(tmp_path, "tmux", "--steps", "20", "--step-time", "0.1")
+    run_dir = make_run(tmp_path, "tmux", "--steps", "12", "--step-time", "0.1")
     spawned = tmp_path / "spawned"
     script = tmp_path / "start.py"
     script.write_text(
@@ -323,8 +323,8 @@ def test_run_survives_the_tmux_session_that_started_it(tmp_path):
     run = wait_for(tmp_path, "tmux", ended, timeout=20)
     assert run["status"] == "completed", run["reason"]
     assert run["supervisor_pid"] == sup_pid
-    assert run["last_step"] == 20
-    assert rows(tmp_path, "metrics", "tmux") == 20 * STEP_METRICS
+    assert run["last_step"] == 12
+    assert rows(tmp_path, "metrics", "tmux") == 12 * STEP_METRICS
     assert rows(tmp_path, "device_samples", "tmux") >= 3
 
 
