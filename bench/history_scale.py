@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import sqlite3
 import statistics
 import subprocess
@@ -112,16 +113,22 @@ def timed(fn, repeat: int) -> tuple[float, float]:
     return times[0], statistics.median(times[1:] if len(times) > 1 else times)
 
 
-def cli_ms(ws: Path, args: list[str], repeat: int, module: str = "engine.cli") -> float:
+def cli_ms(ws: Path, args: list[str], repeat: int,
+           module: str = "engine.cli") -> tuple[float, float]:
+    """Median (wall ms, CPU ms) of a zerotune subprocess; CPU time does not depend on how
+    busy the machine's other cores are, wall time does."""
     cmd = [sys.executable, "-m", module, "--workspace", str(ws), *args]
-    times = []
+    walls, cpus = [], []
     for _ in range(repeat):
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, check=False)
-        times.append((time.perf_counter() - t) * 1000)
+        walls.append((time.perf_counter() - t) * 1000)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime) * 1000)
         if out.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
-    return statistics.median(times)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def row(label: str, value: float, unit: str, target: float) -> None:
@@ -222,14 +229,19 @@ def main() -> int:
             row(f"{label} first", first, "ms", TARGET_MS)
             row(f"{label} median", median, "ms", TARGET_MS)
         db.close()
-        print("zerotune as a subprocess (median of 5, includes Python start-up):")
-        row("zerotune runs list", cli_ms(ws, ["runs", "list"], 5), "ms", TARGET_MS)
-        row("zerotune runs show ID", cli_ms(ws, ["runs", "show", target[:8]], 5), "ms",
-            TARGET_MS)
-        row("zerotune runs list --json --limit 0 (all)",
-            cli_ms(ws, ["runs", "list", "--json", "--limit", "0"], 5), "ms", TARGET_MS)
-        row("python -m engine.runs_cli runs list (no other verbs)",
-            cli_ms(ws, ["runs", "list"], 5, module="engine.runs_cli"), "ms", TARGET_MS)
+        load = os.getloadavg()[0]
+        print(f"zerotune as a subprocess (median of 5, includes Python start-up; "
+              f"load average {load:.1f} on {os.cpu_count()} cores):")
+        for label, cli_args, module in [
+            ("zerotune runs list", ["runs", "list"], "engine.cli"),
+            ("zerotune runs show ID", ["runs", "show", target[:8]], "engine.cli"),
+            ("zerotune runs list --json --limit 0 (all)",
+             ["runs", "list", "--json", "--limit", "0"], "engine.cli"),
+            ("runs list via engine.runs_cli alone", ["runs", "list"], "engine.runs_cli"),
+        ]:
+            wall, cpu = cli_ms(ws, cli_args, 5, module=module)
+            row(f"{label} wall", wall, "ms", TARGET_MS)
+            row(f"{label} CPU", cpu, "ms", TARGET_MS)
         print(f"device sampling every 2 s, over {args.window:g} s (% of one core):")
         pct, n = sampler_cpu(args.window)
         row(f"DeviceSampler alone ({n} samples, 4-process tree)", pct, "%", TARGET_CPU_PCT)
