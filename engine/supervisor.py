@@ -284,8 +284,9 @@ LOG_PATTERNS: list[tuple[re.Pattern[str], str]] = [
                 r"CUBLAS_STATUS_ALLOC_FAILED"), "out of GPU memory"),
     (re.compile(r"DefaultCPUAllocator: can't allocate memory|\bMemoryError\b|"
                 r"Cannot allocate memory"), "out of host memory"),
+    # One line each (no DOTALL): "NCCL" early in a log and "timeout" much later are unrelated.
     (re.compile(r"Watchdog caught collective operation timeout|NCCL.*[Tt]ime(d )?out|"
-                r"ProcessGroupNCCL.*timeout", re.DOTALL), "NCCL timeout: a rank stopped communicating"),
+                r"ProcessGroupNCCL.*timeout"), "NCCL timeout: a rank stopped communicating"),
     (re.compile(r"[Gg]loo.*[Tt]imed? ?out|Timed out waiting.*gloo"),
      "gloo timeout: a rank stopped communicating"),
     (re.compile(r"NCCL error|ncclInternalError|ncclSystemError|ncclUnhandledCudaError"),
@@ -541,7 +542,7 @@ class Supervisor:
             host_mem_frac=(used / total) if used and total else None,
         )
         rec.finish(status, exit_code, reason)
-        for attempt in range(60):  # the end must be recorded; wait out a busy database
+        for _ in range(60):  # the end must be recorded; wait out a busy database
             if rec.flush():
                 break
             time.sleep(1.0)
