@@ -887,6 +887,8 @@ class RunRecorder:
     def _aggregate_sample(self, d: dict[str, Any]) -> None:
         run = self._run
         if d["kind"] == "gpu":
+            if d.get("proc_mem") == 0:
+                return  # none of the run's processes on this GPU: someone else's, or idle
             mem = d.get("proc_mem") if d.get("proc_mem") is not None else d.get("mem_used")
             if mem is not None:
                 self._gpu_mem_peak = max(self._gpu_mem_peak or 0, int(mem))

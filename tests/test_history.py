@@ -176,6 +176,9 @@ def test_recorder_writes_events_metrics_and_run_figures(db, tmp_path):
          "mem_total": 100, "proc_mem": 500, "proc_mem_peak": 640},
         {"t": 3.0, "device": "gpu0", "kind": "gpu", "util": 40.0, "mem_used": 950,
          "mem_total": 1000, "proc_mem": None},
+        # Another job's GPU: sampled, but not part of the run's figures.
+        {"t": 3.0, "device": "gpu1", "kind": "gpu", "util": 99.0, "mem_used": 2000,
+         "mem_total": 4000, "proc_mem": 0},
     ])
     assert history.run_metrics(db, "r1") == {}  # buffered until the flush
     assert rec.flush()
