@@ -47,8 +47,14 @@ def global_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def writes_events() -> bool:
+    """The first rank of each node writes its node's events.jsonl: on one node that is global
+    rank 0; with several nodes, each node's run directory gets the run as that node saw it."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0
+
+
 def log(msg: str) -> None:
-    if global_rank() == 0:
+    if writes_events():
         print(f"[zerotune] {msg}", flush=True)
 
 
@@ -260,6 +266,10 @@ def dpo_rows(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
+# Warnings found before training starts; the callback emits them right after the start event.
+pending_warnings: list[str] = []
+
+
 def make_callback(events: EventWriter | None, run_dir: Path, info: dict[str, Any]):
     import torch
     import torch.distributed as dist
@@ -287,6 +297,8 @@ def make_callback(events: EventWriter | None, run_dir: Path, info: dict[str, Any
             self.last_tokens = state.num_input_tokens_seen or 0
             if events and not self.started:
                 events.emit("start", total_steps=state.max_steps, start_step=state.global_step, **info)
+                for message in pending_warnings:
+                    events.emit("warning", message=message)
             self.started = True
 
         def on_step_begin(self, args, state, control, **kw):
@@ -427,7 +439,7 @@ def run(run_dir: Path, resume_from: str | None) -> int:
     device = launch.get("device", "cpu" if os.environ.get("DS_ACCELERATOR") == "cpu" else "gpu")
     dtype = launch.get("dtype") or ("bf16" if ds_config.get("bf16", {}).get("enabled") else
                                     "fp16" if ds_config.get("fp16", {}).get("enabled") else "fp32")
-    events = EventWriter(run_dir / "events.jsonl") if global_rank() == 0 else None
+    events = EventWriter(run_dir / "events.jsonl") if writes_events() else None
     try:
         return _run(p, run_dir, ds_config, device, dtype, events, resume_from)
     except BaseException as exc:  # record why, then let the launcher see the failure
@@ -470,8 +482,8 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
     t_start = time.time()
     set_seed(p.seed)
     fmt, train_rows, val_rows, skipped = load_splits(p)
-    if skipped and events:
-        events.emit("warning", message=f"skipped {skipped} bad data row(s) (data.on_bad_rows: skip)")
+    if skipped:
+        pending_warnings.append(f"skipped {skipped} bad data row(s) (data.on_bad_rows: skip)")
     args = training_arguments(p, run_dir, ds_config, dtype, device, has_eval=bool(val_rows))
     tokenizer = build_tokenizer(p, run_dir, train_rows, args)
     model = build_model(p, tokenizer, dtype)
@@ -485,6 +497,7 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
         "data_format": fmt, "train_rows": len(train_rows), "eval_rows": len(val_rows),
         "num_params": num_params, "ds_config": ds_config, "resumed_from": resume_from,
         "dtype": dtype, "device": device, "torch_threads": torch.get_num_threads(),
+        "rank": global_rank(), "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0")) or 0),
     }
     callback = make_callback(events, run_dir, info)
     kind = p.method.kind
@@ -530,6 +543,8 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
             ref_model = build_model(p, tokenizer, dtype) if peft_config is None else None
             trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[callback])
+    if kind != "cpt":
+        eval_ds = _report_dropped(trainer, len(train_rows), len(val_rows), p.data.max_seq_len)
     info["trainable_params"] = sum(x.numel() for x in trainer.model.parameters() if x.requires_grad)
     signal.signal(signal.SIGTERM, _on_sigterm)
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -561,6 +576,31 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
         events.emit("done", summary=summary)
     log("done: " + json.dumps(summary))
     return 0
+
+
+def _report_dropped(trainer, n_train: int, n_eval: int, max_len: int):
+    """TRL drops rows whose prompt leaves no completion token within max_length: say so."""
+    import transformers
+
+    kept = len(trainer.train_dataset)
+    if kept < n_train:
+        msg = (f"{n_train - kept} of {n_train} training rows were dropped: their prompt fills "
+               f"data.max_seq_len ({max_len} tokens) and leaves no answer token to learn; "
+               "raise data.max_seq_len or shorten the prompts")
+        log(msg)
+        pending_warnings.append(msg)
+    if kept == 0:
+        raise ValueError(f"no training row fits in data.max_seq_len ({max_len} tokens); raise it")
+    eval_ds = trainer.eval_dataset
+    if eval_ds is not None and len(eval_ds) == 0:
+        msg = "every held-out row was dropped (too long for data.max_seq_len): evaluation is off"
+        log(msg)
+        pending_warnings.append(msg)
+        trainer.eval_dataset = None
+        trainer.args.eval_strategy = transformers.IntervalStrategy.NO
+        trainer.args.eval_on_start = False
+        return None
+    return eval_ds
 
 
 def merge_adapter(p: Profile, model_dir: Path, tokenizer, dtype: str) -> None:
