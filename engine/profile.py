@@ -73,6 +73,12 @@ class PrepSpec(Section):
     near_dedup_threshold: float = Field(0.85, gt=0, le=1)
     scrub_pii: bool = Field(False, description="Replace e-mails, keys, card numbers... by placeholders")
     blocklist: str | None = Field(None, description="File of words/phrases; rows containing one are dropped")
+    min_tokens: int = Field(0, ge=0, description="Drop rows with fewer tokens (model's tokenizer)")
+    max_tokens: int | None = Field(None, ge=1, description="Drop rows with more tokens than this")
+    label_column: str | None = Field(
+        None, description="Column with a class label: reported as label balance; the validation "
+        "split is stratified by it",
+    )
 
 
 class DataSpec(Section):
@@ -90,6 +96,9 @@ class DataSpec(Section):
     packing: bool = Field(True, description="cpt: concatenate documents into full sequences")
     on_bad_rows: Literal["fail", "skip"] = Field(
         "fail", description="fail: stop before training at the first bad row; skip: count and report"
+    )
+    text_split: Literal["file", "blank_lines"] = Field(
+        "file", description=".txt/.md files: one document per file, or documents separated by blank lines"
     )
     prep: PrepSpec = Field(default_factory=PrepSpec)
 
