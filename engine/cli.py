@@ -219,7 +219,7 @@ def _reconcile(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engine.profile import ProfileError
+    from engine.problems import ProfileError
 
     parser = build_parser()
     args = parser.parse_args(argv)

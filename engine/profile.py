@@ -23,6 +23,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from engine.problems import Problem, ProfileError
+
 # --------------------------------------------------------------------------------------------
 # Schema
 # --------------------------------------------------------------------------------------------
@@ -239,37 +241,6 @@ class Profile(Section):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Problem:
-    """One thing wrong with a profile, located as precisely as we can."""
-
-    path: str  # dotted YAML path, "" for the whole file
-    message: str
-    file: str | None = None
-    line: int | None = None
-
-    def format(self) -> str:
-        where = self.file or "<profile>"
-        if self.line:
-            where += f":{self.line}"
-        field_ = f" {self.path}:" if self.path else ""
-        return f"{where}:{field_} {self.message}"
-
-
-class ProfileError(Exception):
-    """Raised with every problem found; ``str()`` is the full human report."""
-
-    def __init__(self, problems: list[Problem], file: str | None = None):
-        self.problems = problems
-        self.file = file
-        super().__init__(self.report())
-
-    def report(self) -> str:
-        n = len(self.problems)
-        head = f"{self.file or 'profile'}: {n} problem{'s' if n != 1 else ''}"
-        return "\n".join([head] + ["  " + p.format() for p in self.problems])
-
-
 # --------------------------------------------------------------------------------------------
 # YAML I/O with line numbers
 # --------------------------------------------------------------------------------------------
@@ -403,8 +374,7 @@ def _describe_type_error(err: dict[str, Any]) -> str:
     if kind == "string_pattern_mismatch":
         return f"expected letters, digits, '.', '_' or '-' (no spaces), got {got_s}"
     msg = err.get("msg", "invalid value")
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
+    msg = msg.removeprefix("Value error, ")
     return f"{msg}, got {got_s}"
 
 
@@ -450,7 +420,7 @@ def _schema_problems(exc: ValidationError, index: dict, file: str | None) -> lis
 def _combination_problems(p: Profile, lp: LoadedProfile) -> list[Problem]:
     """Impossible combinations, each with the reason."""
     out: list[Problem] = []
-    ds, m, t, d = p.deepspeed, p.method, p.training, p.data
+    ds, m, d = p.deepspeed, p.method, p.data
     if ds.offload_param != "none" and ds.zero_stage != 3:
         out.append(Problem(
             "deepspeed.offload_param",

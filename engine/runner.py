@@ -25,7 +25,7 @@ from typing import Any
 
 from engine.dsconfig import Placement, build_ds_config, resolve_placement
 from engine.launcher import LaunchCommand, build_command
-from engine.profile import LoadedProfile, Problem, ProfileError, dump_yaml, resolved_paths
+from engine.profile import LoadedProfile, Problem, ProfileError, resolved_paths
 
 VERSIONED = ("python", "torch", "deepspeed", "transformers", "trl", "peft", "datasets",
              "accelerate", "tokenizers", "zerotune")

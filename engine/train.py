@@ -207,7 +207,7 @@ def load_splits(p: Profile) -> tuple[str, list[dict], list[dict], int]:
     elif d.validation_split > 0 and len(rows) > 1:
         order = list(range(len(rows)))
         random.Random(p.seed).shuffle(order)
-        n_val = max(1, int(round(len(rows) * d.validation_split)))
+        n_val = max(1, round(len(rows) * d.validation_split))
         val_idx = set(order[:n_val])
         val = [r for i, r in enumerate(rows) if i in val_idx]
         rows = [r for i, r in enumerate(rows) if i not in val_idx]
@@ -226,7 +226,7 @@ def cpt_dataset(rows: list[dict], tokenizer, max_len: int, packing: bool):
 
     def tokenize(batch):
         ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"input_ids": [x + [eos] for x in ids]}
+        return {"input_ids": [[*x, eos] for x in ids]}
 
     ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names)
     if not packing:
@@ -379,8 +379,8 @@ def _ppl(loss: float | None) -> float | None:
 
 def training_arguments(p: Profile, run_dir: Path, ds_config: dict, dtype: str, device: str,
                        has_eval: bool):
-    from trl import DPOConfig, SFTConfig
     from transformers import TrainingArguments
+    from trl import DPOConfig, SFTConfig
 
     t = p.training
     common: dict[str, Any] = dict(
@@ -460,7 +460,7 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     text = f"{type(exc).__name__}: {exc}"
     first = text.splitlines()[0][:300]
     if isinstance(exc, DataError):
-        return "bad_data", f"bad data at {str(exc)}"[:500]
+        return "bad_data", f"bad data at {exc!s}"[:500]
     if isinstance(exc, MemoryError):
         return "host_oom", "out of host memory (MemoryError)"
     if "out of memory" in text.lower() or type(exc).__name__ == "OutOfMemoryError":

@@ -42,7 +42,7 @@ def test_unknown_key_gets_line_and_did_you_mean(tmp_path: Path) -> None:
     path = tiny_profile(tmp_path)
     text = path.read_text().replace("  zero_stage: 2", "  zero_stag: 2")
     path.write_text(text)
-    line = next(i for i, l in enumerate(text.splitlines(), 1) if "zero_stag:" in l)
+    line = next(i for i, text_line in enumerate(text.splitlines(), 1) if "zero_stag:" in text_line)
     r = zerotune("profile", "validate", str(path))
     assert r.returncode == 2
     assert f"{path}:{line}: deepspeed.zero_stag: unknown key; did you mean 'zero_stage'?" in r.stderr

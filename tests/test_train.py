@@ -238,7 +238,7 @@ def test_two_nodes_on_loopback_train_as_one_world(tmp_path: Path) -> None:
         for rank in (0, 1)
     ]
     outs = [p.communicate(timeout=600) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, out + err
     events = read_events(tmp_path / "node0" / "runs" / "twonodes")
     start = events[0]
