@@ -461,9 +461,9 @@ def estimate_training(shape: ModelShape, setup: TrainSetup,
                     DS_PARAM_NVME_BUFFERS * DS_PARAM_NVME_BUFFER_SIZE * w, pin)
             persistent["weights (small params kept on every rank)"] = int(small * w)
         else:
-            persistent["weights (ZeRO-3 partition)"] = int(part)
+            persistent[f"weights ({s.dtype}, ZeRO-3 partition)"] = int(part)
     else:
-        persistent["weights"] = int(weight_bytes)
+        persistent[f"weights ({s.dtype})"] = int(weight_bytes)
     if s.method == "dpo" and s.adapter == "none":
         ref = weight_bytes / d if stage == 3 else weight_bytes
         persistent["reference model weights (DPO)"] = int(ref)
@@ -753,3 +753,124 @@ def estimate_inference(shape: ModelShape, setup: InferenceSetup,
         host_terms={k: int(v) for k, v in host.items()}, host_bytes=int(sum(host.values())),
         nvme_bytes=int(nvme), kv_cache_bytes=kv_final, notes=notes,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles
+# --------------------------------------------------------------------------------------------
+
+
+def _loaded(profile: Any) -> Any:
+    """A LoadedProfile for a Profile (paths relative to the current directory) or itself."""
+    from pathlib import Path
+
+    from engine.profile import LoadedProfile
+
+    if isinstance(profile, LoadedProfile):
+        return profile
+    return LoadedProfile(profile, None, Path.cwd())
+
+
+def shape_from_profile(profile: Any) -> ModelShape:
+    """The model of a profile: ``model.config`` for ``init: scratch``, else ``model.path`` (a
+    local directory, a catalog name or a hub id)."""
+    from engine.model_shape import ModelShapeError, load_model_config, shape_from_config
+    from engine.model_source import profile_config
+
+    lp = _loaded(profile)
+    m = lp.profile.model
+    cfg = profile_config(lp)
+    if cfg is None and m.path:
+        cfg, _ = load_model_config(m.path)
+    if not cfg:
+        raise ModelShapeError("the profile's model has no config: set model.path or model.config")
+    cfg = dict(cfg)
+    if m.init == "scratch" and m.config:
+        cfg.update(m.config)
+        if not m.tokenizer:  # zerotune trains a tokenizer of this size for scratch models
+            cfg["vocab_size"] = lp.profile.model.tokenizer_vocab_size
+    name = m.path or cfg.get("model_type", "")
+    return shape_from_config(cfg, name=str(name))
+
+
+def setup_from_profile(profile: Any, placement: Any = None) -> TrainSetup:
+    """The :class:`TrainSetup` of a profile, with the DeepSpeed knobs read from the DeepSpeed
+    config zerotune generates for it (so overrides count)."""
+    from engine.dsconfig import build_ds_config, resolve_placement
+
+    lp = _loaded(profile)
+    p = lp.profile
+    pl = placement or resolve_placement(lp)
+    ds = build_ds_config(lp, pl)
+    zero = ds.get("zero_optimization", {})
+    lora = p.method.lora
+    targets = lora.target_modules
+    attn = p.model.attn_implementation
+    if attn == "auto":
+        attn = "sdpa"
+    dtype = pl.dtype
+    if ds.get("bf16", {}).get("enabled"):
+        dtype = "bf16"
+    elif ds.get("fp16", {}).get("enabled"):
+        dtype = "fp16"
+    offload_opt = (zero.get("offload_optimizer") or {}).get("device", "none")
+    offload_par = (zero.get("offload_param") or {}).get("device", "none")
+    return TrainSetup(
+        method=p.method.kind,
+        adapter=p.method.adapter,
+        lora_r=lora.r,
+        lora_targets=targets if isinstance(targets, str) else tuple(targets),
+        lora_dropout=lora.dropout,
+        dtype=dtype,
+        zero_stage=int(zero.get("stage", p.deepspeed.zero_stage)),
+        offload_optimizer=offload_opt if offload_opt in ("cpu", "nvme") else "none",
+        offload_param=offload_par if offload_par in ("cpu", "nvme") else "none",
+        micro_batch=p.training.micro_batch_size,
+        seq_len=p.data.max_seq_len,
+        grad_accum=p.training.grad_accum,
+        gradient_checkpointing=p.training.gradient_checkpointing,
+        attn_implementation=attn,
+        gpus_per_node=pl.gpus_per_node,
+        num_nodes=pl.num_nodes,
+        device=pl.device,
+        reduce_bucket_size=zero.get("reduce_bucket_size"),
+        overlap_comm=zero.get("overlap_comm"),
+        prefetch_bucket_size=zero.get("stage3_prefetch_bucket_size"),
+        param_persistence_threshold=zero.get("stage3_param_persistence_threshold"),
+        max_live_parameters=int(zero.get("stage3_max_live_parameters", 1_000_000_000)),
+        pin_memory=(zero.get("offload_optimizer") or zero.get("offload_param") or {}).get(
+            "pin_memory"),
+        gradient_clipping=bool(ds.get("gradient_clipping", 0)),
+    )
+
+
+def inference_setup_from_profile(profile: Any, placement: Any = None) -> InferenceSetup | None:
+    """The :class:`InferenceSetup` of a profile's ``inference`` section (None when off)."""
+    from engine.dsconfig import resolve_placement
+
+    lp = _loaded(profile)
+    inf = lp.profile.inference
+    if inf.mode == "none":
+        return None
+    pl = placement or resolve_placement(lp)
+    return InferenceSetup(
+        mode=inf.mode, dtype=pl.dtype, batch_size=inf.batch_size,
+        prompt_len=lp.profile.data.max_seq_len, max_new_tokens=inf.max_new_tokens,
+        tensor_parallel=inf.tensor_parallel, offload=inf.offload,
+        gpus_per_node=pl.gpus_per_node, kernel_inject=inf.kernel_inject,
+    )
+
+
+def estimate_profile(profile: Any, placement: Any = None) -> dict[str, Any]:
+    """The training estimate of a profile as a dict (``gpu_peak_bytes`` per device,
+    ``host_bytes`` per node, ``nvme_bytes``, the terms), plus ``inference`` when the profile
+    generates. Accepts a ``Profile`` or a ``LoadedProfile``."""
+    shape = shape_from_profile(profile)
+    setup = setup_from_profile(profile, placement)
+    est = estimate_training(shape, setup)
+    out = est.to_dict()
+    out["model_shape"] = shape.to_dict()
+    inf = inference_setup_from_profile(profile, placement)
+    if inf is not None:
+        out["inference"] = estimate_inference(shape, inf).to_dict()
+    return out
