@@ -276,7 +276,8 @@ def _activations(shape: ModelShape, s: TrainSetup, loss_impl: str, tokens: int) 
             probs = w * a * seq  # softmax output
             if attn_drop:
                 probs += (mask_b + w) * a * seq
-            core += probs + 3 * w * h  # contiguous q and k^T for the matmul, merged heads
+            # merged heads (a contiguous copy); HF's eager path also keeps contiguous q and k^T
+            core += probs + w * h * (1 if math_sdpa and s.attn_implementation != "eager" else 3)
         else:
             core += w * h + 4 * a  # output + logsumexp
     else:
@@ -492,6 +493,7 @@ def estimate_training(shape: ModelShape, setup: TrainSetup,
         persistent["Adam moments (fp32 m, v)"] = int(moments)
 
     # --- gradients and DeepSpeed buffers
+    gathered = 0  # ZeRO-3 parameters gathered for forward/backward, released before the step
     bucket = 0
     if stage >= 1:
         bucket = s.reduce_bucket_size * w * (2 if s.overlap_comm else 1)
@@ -502,9 +504,8 @@ def estimate_training(shape: ModelShape, setup: TrainSetup,
         if d > 1 or offload_par:
             # Gathered copies stay live until their reuse (stage3_max_reuse_distance is large):
             # up to stage3_max_live_parameters whole parameters, plus the prefetch bucket.
-            gathered = min(N_all - small, s.max_live_parameters) * w
-            persistent["gathered parameters (live + prefetch)"] = int(
-                gathered + s.prefetch_bucket_size * w)
+            gathered = int(min(N_all - small, s.max_live_parameters) * w
+                           + s.prefetch_bucket_size * w)
     elif stage in (1, 2):
         g_part = Nt / d if (stage == 2 or d == 1) else Nt
         if offload_opt:
@@ -527,10 +528,11 @@ def estimate_training(shape: ModelShape, setup: TrainSetup,
     saved_full = L * act.per_layer + act.head + act.embed
     ckpt = L * act.checkpoint_per_layer + act.head + act.embed
     saved = ckpt if s.gradient_checkpointing else saved_full
+    live = "ZeRO-3 gathered parameters (live + prefetch)"
     phases: dict[str, dict[str, int]] = {}
-    phases["end of forward"] = {"activations (saved for backward)": saved,
+    phases["end of forward"] = {live: gathered, "activations (saved for backward)": saved,
                                 "logits / LM head tiles (forward)": act.fwd_transient}
-    phases["start of backward"] = {"activations (saved for backward)": saved,
+    phases["start of backward"] = {live: gathered, "activations (saved for backward)": saved,
                                    "loss gradients (LM head backward)": act.bwd_head}
     if s.gradient_checkpointing:
         # Layers are recomputed last to first; the peak is at the first layer, when stage 0 holds
@@ -541,6 +543,7 @@ def estimate_training(shape: ModelShape, setup: TrainSetup,
                                     else shape.learned_positions * shape.hidden_size)
             grads_then = max(0, grads_bwd - w * later)
         phases["recompute (checkpointing)"] = {
+            live: gathered,
             "activation checkpoints": L * act.checkpoint_per_layer,
             "recomputed layer activations": act.recompute,
             "gradients": grads_then,
