@@ -11,12 +11,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.screen import Screen
@@ -141,7 +141,7 @@ class HistoryScreen(Screen):
     CSS_PATH = "../runs.tcss"
     AUTO_FOCUS = "#runs-table"
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("slash", "focus_filter", "Filter"),
         Binding("m", "monitor", "Monitor"),
         Binding("d", "detail", "Detail"),
@@ -247,7 +247,7 @@ class HistoryScreen(Screen):
                         descending=query.descending, limit=self.page_size,
                         offset=query.offset, now=self.clock())
                     page = Page(query, rows, total, (time.perf_counter() - started) * 1000, lost)
-        except Exception as exc:  # noqa: BLE001 - shown in the info line, the UI keeps going
+        except Exception as exc:
             self.post_message(self.PageLoaded(generation, None, f"{type(exc).__name__}: {exc}"))
             return
         self.post_message(self.PageLoaded(generation, page))
@@ -531,7 +531,7 @@ class HistoryScreen(Screen):
         verb = "resume" if fn_name == "resume_run" else "re-run"
         try:
             prepared = getattr(runner, fn_name)(self.workspace, run["id"])
-        except Exception as exc:  # noqa: BLE001 - the runner explains refusals
+        except Exception as exc:
             self.app.call_from_thread(self.notify, f"cannot {verb} {run['id']}: {exc}",
                                       severity="error", timeout=8)
             return
@@ -566,7 +566,7 @@ class HistoryScreen(Screen):
                 if db is None:
                     raise history.RunNotFound(run["id"])
                 counts = history.delete_run(db, run["id"], remove_dir=answer.option)
-        except Exception as exc:  # noqa: BLE001 - RunActive, a directory left in place, ...
+        except Exception as exc:
             self.app.call_from_thread(self.notify, f"cannot delete {run['id']}: {exc}",
                                       severity="error", timeout=8)
             return

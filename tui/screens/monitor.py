@@ -16,19 +16,19 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Log, ProgressBar, Static, TabbedContent, TabPane
 
 from engine import history
-from tui.widgets.run_chart import RunChart, Series
+from tui.widgets.run_chart import SERIES_COLORS, RunChart, Series
 from tui.widgets.run_confirm import ConfirmRunAction
 from tui.widgets.run_format import (
     HistoryReader,
@@ -242,7 +242,7 @@ class MonitorScreen(Screen):
 
     CSS_PATH = "../runs.tcss"
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("s", "stop", "Stop"),
         Binding("k", "kill", "Kill"),
         Binding("u", "resume", "Resume"),
@@ -320,7 +320,7 @@ class MonitorScreen(Screen):
         try:
             with self.reader.db() as db:
                 poll = poll_run(db, self.run_id, cursor, reconcile=self.reconcile)
-        except Exception as exc:  # noqa: BLE001 - shown in the header; polling goes on
+        except Exception as exc:
             poll = RunPoll(None, error=f"{type(exc).__name__}: {exc}")
         self.post_message(self.Polled(poll))
 
@@ -410,8 +410,8 @@ class MonitorScreen(Screen):
         loss = self.series.get("loss", [])
         evals = self.series.get("eval_loss", [])
         self.query_one("#mon-chart", RunChart).set_series([
-            Series("train", [s for s, _ in loss], [v for _, v in loss], "cyan"),
-            Series("eval", [s for s, _ in evals], [v for _, v in evals], "orange"),
+            Series("train", [s for s, _ in loss], [v for _, v in loss], SERIES_COLORS[0]),
+            Series("eval", [s for s, _ in evals], [v for _, v in evals], SERIES_COLORS[1]),
         ])
 
     def _last(self, name: str) -> float | None:
@@ -431,7 +431,8 @@ class MonitorScreen(Screen):
             Text.assemble(("lr       ", "bold"), fmt_num(self._last("lr"), 3)),
             Text.assemble(("tokens/s ", "bold"), fmt_num(speed, 4)),
         ]
-        if run.get("peak_gpu_mem_bytes") is not None or run.get("est_peak_gpu_bytes"):
+        # The GPU line only for runs that used a GPU: an estimate alone says nothing here.
+        if run.get("peak_gpu_mem_bytes") is not None:
             lines.append(measured_vs_estimate("peak GPU", run.get("peak_gpu_mem_bytes"),
                                               run.get("est_peak_gpu_bytes")))
         lines.append(measured_vs_estimate(
@@ -517,7 +518,7 @@ class MonitorScreen(Screen):
                     raise history.RunNotFound(self.run_id)
                 run = history.get_run(db, self.run_id)
             what = stop(run, kill=kill)
-        except Exception as exc:  # noqa: BLE001 - NotRunning, PermissionError
+        except Exception as exc:
             self.app.call_from_thread(self.notify, f"cannot {'kill' if kill else 'stop'}: {exc}",
                                       severity="error", timeout=8)
             return
@@ -543,7 +544,7 @@ class MonitorScreen(Screen):
 
         try:
             prepared = runner.resume_run(self.workspace, self.run_id)
-        except Exception as exc:  # noqa: BLE001 - no complete checkpoint, directory gone
+        except Exception as exc:
             self.app.call_from_thread(self.notify, f"cannot resume: {exc}", severity="error",
                                       timeout=8)
             return

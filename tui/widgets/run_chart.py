@@ -9,8 +9,14 @@ from rich.text import Text
 from textual.app import RenderResult
 from textual_plotext import PlotextPlot
 
-# Distinct in 256-colour terminals; overlaid runs cycle through them.
-SERIES_COLORS = ("cyan", "orange", "green", "magenta", "yellow", "blue", "red", "white")
+# 256-colour palette indices, distinct in 256-colour terminals; overlaid runs cycle through
+# them. plotext takes the index, Rich the style from series_style().
+SERIES_COLORS = (14, 208, 10, 13, 11, 12, 9, 15)
+
+
+def series_style(index: int) -> str:
+    """The Rich style of the ``index``-th series colour (for legends outside the chart)."""
+    return f"color({SERIES_COLORS[index % len(SERIES_COLORS)]})"
 
 
 @dataclass
@@ -20,7 +26,7 @@ class Series:
     label: str
     xs: Sequence[float]
     ys: Sequence[float]
-    color: str | None = None
+    color: int | None = None  # a 256-colour index; None: by position
     marker: str = "braille"
 
 
@@ -48,7 +54,7 @@ class RunChart(PlotextPlot):
             self.chart_title = title
         clean = []
         for i, s in enumerate(series):
-            pts = [(x, y) for x, y in zip(s.xs, s.ys)
+            pts = [(x, y) for x, y in zip(s.xs, s.ys, strict=False)
                    if x is not None and y is not None and y == y and abs(y) != float("inf")]
             if pts:
                 clean.append(Series(s.label, [p[0] for p in pts], [p[1] for p in pts],

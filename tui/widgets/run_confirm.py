@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 
 from textual import on
 from textual.app import ComposeResult
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Label, Static
@@ -58,7 +59,7 @@ class ConfirmRunAction(ModalScreen["Confirmed | None"]):
     }
     """
 
-    BINDINGS = [
+    BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape,n", "cancel", "Cancel"),
         Binding("y", "confirm", "Yes"),
     ]

@@ -63,7 +63,7 @@ def fmt_clock(seconds: float | None) -> str:
     """``1:02:03`` / ``2:03`` for ETAs and elapsed times."""
     if seconds is None or seconds != seconds or seconds < 0:
         return "-"
-    s = int(round(seconds))
+    s = round(seconds)
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

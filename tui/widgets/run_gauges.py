@@ -17,7 +17,7 @@ def bar(fraction: float | None, width: int, style: str) -> Text:
     if fraction is None:
         return Text("·" * width, style="dim")
     fraction = min(max(fraction, 0.0), 1.0)
-    full = int(round(fraction * width))
+    full = round(fraction * width)
     return Text.assemble(("█" * full, style), ("░" * (width - full), "dim"))
 
 
