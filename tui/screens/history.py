@@ -387,6 +387,8 @@ class HistoryScreen(Screen):
             self.query_one(RunPageTable).focus()
         elif len(self.app.screen_stack) > 1 and self.app.screen is self:
             self.dismiss()
+        elif callable(getattr(self.app, "action_home", None)):
+            self.app.action_home()  # the runs mode of the app: back to its home
 
     def action_page(self, step: int) -> None:
         self._go_page(step)

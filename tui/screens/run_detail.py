@@ -29,6 +29,7 @@ from engine.runs_cli import PROFILE_SUMMARY_KEYS, flatten, show_report
 from tui.widgets.run_chart import SERIES_COLORS, RunChart, Series
 from tui.widgets.run_format import (
     HistoryReader,
+    display_path,
     fmt_bytes,
     fmt_duration,
     fmt_num,
@@ -123,8 +124,10 @@ def _measured(measured: float | None, estimated: float | None) -> str:
     return text
 
 
-def summary_rows(report: dict[str, Any], now: float) -> list[tuple[str, Any]]:
-    """The key figures of a run, the ones ``zerotune runs show`` prints."""
+def summary_rows(report: dict[str, Any], now: float,
+                 workspace: str | Path = "/") -> list[tuple[str, Any]]:
+    """The key figures of a run, the ones ``zerotune runs show`` prints (paths inside the
+    workspace relative to it)."""
     r = report["run"]
     duration = r.get("wall_time")
     if duration is None and r.get("started_at"):
@@ -153,14 +156,14 @@ def summary_rows(report: dict[str, Any], now: float) -> list[tuple[str, Any]]:
     if r.get("exit_code") is not None:
         rows.append(("exit code", str(r["exit_code"])))
     if r.get("last_checkpoint"):
-        rows.append(("checkpoint", r["last_checkpoint"]))
+        rows.append(("checkpoint", display_path(r["last_checkpoint"], workspace)))
     if r.get("parent_run_id"):
         rows.append(("lineage", f"{r.get('relation') or 'child'} of {r['parent_run_id']}"))
     for child in report.get("children") or []:
         rows.append(("lineage", f"{child.get('relation') or 'child'}: {child['id']} "
                                 f"({child['status']})"))
     rows.append(("profile hash", r.get("profile_hash") or "-"))
-    rows.append(("run dir", r.get("run_dir") or "-"))
+    rows.append(("run dir", display_path(r.get("run_dir"), workspace)))
     for w in (report.get("warnings") or [])[:5]:
         rows.append(("warning", Text(str(w), style="yellow")))
     return rows
@@ -294,7 +297,7 @@ class RunDetailScreen(Screen):
         head.update(Text.assemble(status_text(run["status"]), "  ",
                                   (run.get("name") or "-", "bold"), "  ", (run["id"], "dim")))
         self._show_failure(d)
-        summary = [_kv_table(summary_rows(d.report, self.clock()))]
+        summary = [_kv_table(summary_rows(d.report, self.clock(), self.workspace))]
         profile = d.report.get("profile")
         if profile:
             flat = flatten(profile)

@@ -20,8 +20,8 @@ from engine import history
 from engine.runs_cli import fmt_bytes, fmt_duration, fmt_num
 from engine.workspace import db_path
 
-__all__ = ["STATUS_STYLES", "HistoryReader", "fmt_bytes", "fmt_clock", "fmt_duration",
-           "fmt_num", "fmt_start", "short_bytes", "status_text"]
+__all__ = ["STATUS_STYLES", "HistoryReader", "display_path", "fmt_bytes", "fmt_clock",
+           "fmt_duration", "fmt_num", "fmt_start", "run_label", "short_bytes", "status_text"]
 
 # Colours that read on dark and light themes and in 256-colour terminals.
 STATUS_STYLES = {
@@ -67,6 +67,19 @@ def fmt_clock(seconds: float | None) -> str:
     h, rest = divmod(s, 3600)
     m, s = divmod(rest, 60)
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def display_path(path: str | Path | None, workspace: str | Path) -> str:
+    """A path inside the workspace relative to it (``runs/<id>/...``), others as they are."""
+    if not path:
+        return "-"
+    try:
+        return str(Path(path).relative_to(Path(workspace).resolve()))
+    except ValueError:
+        try:
+            return str(Path(path).relative_to(Path(workspace)))
+        except ValueError:
+            return str(path)
 
 
 def run_label(run: dict[str, Any]) -> str:
