@@ -69,6 +69,10 @@ def default_cases() -> list[dict]:
         {**g, "stage": 0, "dtype": "fp32", "seq": 256, "mb": 2, "adapter": "lora"},
         {**lm, "stage": 2, "dtype": "bf16", "seq": 256, "mb": 2, "world": 2},
         {**g, "stage": 3, "dtype": "fp32", "seq": 256, "mb": 2, "world": 2},
+        {**lm, "stage": 2, "dtype": "bf16", "seq": 256, "mb": 2, "method": "sft"},
+        {**g, "stage": 0, "dtype": "fp32", "seq": 512, "mb": 1, "method": "sft"},
+        {**_llama(384, 4, 6, 2, 1024, 2000), "stage": 0, "dtype": "bf16", "seq": 2048, "mb": 1,
+         "gc": True},
     ]
     return cases
 
@@ -96,6 +100,16 @@ def full_cases() -> list[dict]:
         {**g, "stage": 0, "dtype": "fp32", "seq": 256, "mb": 2, "attn": "eager"},
         {**lm, "stage": 1, "dtype": "bf16", "seq": 256, "mb": 2, "world": 2, "offload": "cpu"},
         {**g, "stage": 0, "dtype": "fp32", "seq": 256, "mb": 2, "world": 2},
+        {**lm, "stage": 1, "dtype": "bf16", "seq": 256, "mb": 2, "world": 2},
+        {**lm, "stage": 0, "dtype": "fp32", "seq": 512, "mb": 2, "method": "sft"},
+        {**lm, "stage": 3, "dtype": "bf16", "seq": 256, "mb": 2, "world": 2, "gc": True},
+        {**_gpt2(384, 4, 6, 2000), "stage": 0, "dtype": "fp32", "seq": 1024, "mb": 1,
+         "gc": True, "attn": "eager"},
+        {**_gpt2(384, 4, 6, 2000), "stage": 2, "dtype": "fp32", "seq": 1024, "mb": 1, "gc": True},
+        {**_llama(384, 4, 6, 2, 1024, 2000), "stage": 3, "dtype": "fp32", "seq": 1024, "mb": 2,
+         "gc": True},
+        {**lm, "stage": 2, "dtype": "bf16", "seq": 256, "mb": 2, "method": "sft",
+         "adapter": "lora"},
     ]
     return cases
 
@@ -124,11 +138,16 @@ def case_label(c: dict) -> str:
 def ds_config(c: dict, hidden: int) -> dict:
     """The DeepSpeed config of a case: what zerotune generates ("auto"-style buckets)."""
     zero: dict = {"stage": c["stage"]}
-    if c["stage"] > 0:
-        zero["reduce_bucket_size"] = hidden * hidden
+    if c["stage"] > 0:  # as engine/dsconfig.py writes it for the CPU accelerator
+        zero.update({"reduce_bucket_size": hidden * hidden, "overlap_comm": False,
+                     "contiguous_gradients": True})
+    if c["stage"] in (1, 2):
+        zero["allgather_bucket_size"] = hidden * hidden
     if c["stage"] == 3:
         zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
         zero["stage3_param_persistence_threshold"] = 10 * hidden
+        zero["stage3_max_live_parameters"] = 1_000_000_000
+        zero["stage3_max_reuse_distance"] = 1_000_000_000
     optimizer = {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.0}}
     if c.get("offload", "none") != "none":
         zero["offload_optimizer"] = {"device": c["offload"], "pin_memory": False}

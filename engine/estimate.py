@@ -481,7 +481,7 @@ def estimate_training(shape: ModelShape, setup: TrainSetup,
             host["fp32 gradient partition (offloaded)"] = _pinned(4 * part_n, pin)
             if stage < 3:
                 host["16-bit staging copy of the partition"] = _pinned(w * part_n, pin)
-                host["gradient staging buffer (largest param)"] = _pinned(w * largest, pin)
+                host["host gradient staging buffer (largest param)"] = _pinned(w * largest, pin)
         else:
             nvme_rank += int(master + moments + 4 * part_n)
             sub = min(DS_SUB_GROUP_SIZE, part_n)

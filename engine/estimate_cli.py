@@ -175,7 +175,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return {"json": out_json, "text": _table(shape, pc, est, p, inf_est, GiB)}
 
 
-def _hardware(declared: dict[str, Any], nvme_free: float | None, detect, Hardware):  # noqa: N803
+def _hardware(declared: dict[str, Any], nvme_free: float | None, detect, Hardware):
     gib = 2**30
     if all(v is None for v in declared.values()):
         hw = detect()
@@ -209,7 +209,7 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def _table(shape, pc, est, plan, inf_est, GiB) -> str:  # noqa: N803
+def _table(shape, pc, est, plan, inf_est, GiB) -> str:
     s = est.setup
     hw = plan.hardware
     lines: list[str] = []
@@ -243,7 +243,7 @@ def _table(shape, pc, est, plan, inf_est, GiB) -> str:  # noqa: N803
         cap = hw.gpu_mem_bytes
         verdict = (f"fits, {_gib(cap - need)} spare" if need <= cap
                    else f"does NOT fit: short by {_gib(need - cap)}")
-        lines.append(f"  per GPU".ljust(62) + f"{_gib(need):>8}  of {_gib(cap)}: {verdict}")
+        lines.append("  per GPU".ljust(62) + f"{_gib(need):>8}  of {_gib(cap)}: {verdict}")
     lines.append("")
     lines.append(f"Host RAM per node: {_gib(est.host_bytes)} GiB"
                  + (f" of {_gib(hw.host_mem_bytes)}" if hw.host_mem_bytes else "")
