@@ -34,7 +34,7 @@ from tui.widgets.run_confirm import ConfirmRunAction
 # --------------------------------------------------------------------------------------------
 # The fixture workspace: fixed ids, times and contents
 
-T0 = 1_790_000_000.0  # 2026-09-21 12:53:20 UTC
+T0 = 1_790_000_000.0  # 2026-09-21 14:13:20 UTC
 NOW = T0 + 6 * 3600.0
 HOST = "fixture-host"  # not this machine: reconciliation leaves the "running" run alone
 
@@ -116,7 +116,9 @@ def _write_run(ws: Path, db: history.HistoryDB, rid: str, *, name: str, created:
                host=HOST, created_at=created, started_at=started, total_steps=total,
                profile_hash=rid[::-1], sample_interval=2.0, est_peak_host_bytes=est_host,
                supervisor_pid=None)
-    events: list[dict[str, Any]] = [{"event": "start", "t": started, "method": "sft",
+    events: list[dict[str, Any]] = [{"event": "start", "t": started,
+                                     "method": profile["method"]["kind"],
+                                     "adapter": profile["method"]["adapter"],
                                      "world_size": 1, "num_params": 494_032_768,
                                      "total_steps": total}]
     lr0 = profile["training"]["lr"]
@@ -400,8 +402,9 @@ async def test_compare_two_marked_runs_shows_the_changed_keys(fixture_ws):
         assert results["status"] == ["completed", "completed"]
         assert "loss (last)" in results
         # Marked in table order (newest first): the lr3 run is the first column.
+        # The ids share 11 characters: labels show as many as it takes to tell them apart.
         assert [s.label for s in compare.query_one("#compare-loss").series] == \
-            [f"security-sft-lr3 {ids['b'][:6]}", f"security-sft {ids['a'][:6]}"]
+            [f"security-sft-lr3 {ids['b']}", f"security-sft {ids['a']}"]
 
 
 @pytest.mark.asyncio

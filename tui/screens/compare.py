@@ -112,8 +112,17 @@ def _result_text(name: str, v: Any) -> str:
     return fmt_num(v)
 
 
-def run_column_label(run: dict[str, Any]) -> str:
-    return f"{run.get('name') or '-'} {run['id'][:6]}"
+def id_prefix_length(ids: Sequence[str], minimum: int = 6) -> int:
+    """The shortest prefix length (at least ``minimum``) that tells the ids apart."""
+    longest = max((len(i) for i in ids), default=minimum)
+    for n in range(minimum, longest + 1):
+        if len({i[:n] for i in ids}) == len(set(ids)):
+            return n
+    return longest
+
+
+def run_column_label(run: dict[str, Any], prefix: int = 6) -> str:
+    return f"{run.get('name') or '-'} {run['id'][:prefix]}"
 
 
 class CompareScreen(Screen):
@@ -149,12 +158,14 @@ class CompareScreen(Screen):
                      id="compare-head")
         with TabbedContent(id="compare-tabs"):
             with TabPane("Profile diff", id="tab-diff"):
-                yield DataTable(id="compare-diff", cursor_type="row", zebra_stripes=True)
+                yield DataTable(id="compare-diff", cursor_type="row", zebra_stripes=True,
+                                fixed_columns=1)
             with TabPane("Curves", id="tab-curves"):
                 yield RunChart(title="train loss", id="compare-loss", classes="compare-chart")
                 yield RunChart(title="eval loss", id="compare-eval", classes="compare-chart")
             with TabPane("Results", id="tab-results"):
-                yield DataTable(id="compare-results", cursor_type="row", zebra_stripes=True)
+                yield DataTable(id="compare-results", cursor_type="row", zebra_stripes=True,
+                                fixed_columns=1)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -196,7 +207,7 @@ class CompareScreen(Screen):
         for i, run in enumerate(c.runs):
             if i:
                 head_text.append(" · ")
-            head_text.append(run_column_label(run), style=series_style(i))
+            head_text.append(self._label(run), style=series_style(i))
         missing = [r["id"] for r, ok in zip(c.runs, c.profiles_found, strict=False) if not ok]
         if missing:
             head_text.append(f"  (no profile.yaml: {', '.join(missing)})", style="yellow")
@@ -205,34 +216,45 @@ class CompareScreen(Screen):
         self._fill_results(c)
         self._fill_curves(c)
 
-    def _columns(self, table: DataTable, first: str, c: Comparison) -> None:
+    def _label(self, run: dict[str, Any]) -> str:
+        c = self.comparison
+        n = id_prefix_length([r["id"] for r in c.runs]) if c else 6
+        return run_column_label(run, n)
+
+    def _fill(self, table: DataTable, first: str, c: Comparison,
+              rows: list[tuple[Text, list[Text]]]) -> None:
+        """Replace the table; widths are given, not measured (a table refilled in one go
+        could be drawn before it had measured its new rows)."""
         table.clear(columns=True)
-        table.add_column(first, key="key")
+        widths = [max([len(first), *(len(r[0].plain) for r in rows)])]
         for i, run in enumerate(c.runs):
-            table.add_column(Text(run_column_label(run),
-                                  style=series_style(i)), key=run["id"])
+            label = self._label(run)
+            widths.append(min(48, max([len(label), *(len(r[1][i].plain) for r in rows)])))
+        table.add_column(first, key="key", width=widths[0])
+        for i, run in enumerate(c.runs):
+            table.add_column(Text(self._label(run), style=series_style(i)), key=run["id"],
+                             width=widths[i + 1])
+        for key_cell, cells in rows:
+            table.add_row(key_cell, *cells)
 
     def _fill_diff(self, c: Comparison) -> None:
-        table = self.query_one("#compare-diff", DataTable)
-        self._columns(table, "KEY", c)
-        rows = [r for r in c.profile if r[2] or self.show_all]
-        if not rows:
-            table.add_row(Text("the profiles are identical (a: show all keys)", style="dim"),
-                          *[""] * len(c.runs))
-            return
-        for key, values, changed in rows:
+        rows: list[tuple[Text, list[Text]]] = []
+        for key, values, changed in c.profile:
             if changed:
                 first = values[0]
-                cells = [Text(_show(v), style="yellow" if i == 0 or _same(v, first)
-                              else "bold yellow") for i, v in enumerate(values)]
-                table.add_row(Text(key, style="bold yellow"), *cells, key=key)
-            else:
-                table.add_row(Text(key, style="dim"),
-                              *[Text(_show(v), style="dim") for v in values], key=key)
+                rows.append((Text(key, style="bold yellow"),
+                             [Text(_show(v), style="yellow" if i == 0 or _same(v, first)
+                                   else "bold yellow") for i, v in enumerate(values)]))
+            elif self.show_all:
+                rows.append((Text(key, style="dim"), [Text(_show(v), style="dim")
+                                                      for v in values]))
+        if not rows:
+            rows.append((Text("the profiles are identical (a: show all keys)", style="dim"),
+                         [Text("") for _ in c.runs]))
+        self._fill(self.query_one("#compare-diff", DataTable), "KEY", c, rows)
 
     def _fill_results(self, c: Comparison) -> None:
-        table = self.query_one("#compare-results", DataTable)
-        self._columns(table, "RESULT", c)
+        rows: list[tuple[Text, list[Text]]] = []
         for name, values in c.results:
             base = name.removesuffix(" (last)")
             best = None
@@ -242,15 +264,16 @@ class CompareScreen(Screen):
                     best = min(numbers)
                 elif base in HIGHER_BETTER:
                     best = max(numbers)
-            cells = [Text(_result_text(base, v), style="green" if best is not None and v == best
-                          else "", justify="right") for v in values]
-            table.add_row(name, *cells)
+            rows.append((Text(name), [Text(_result_text(base, v), justify="right",
+                                           style="green" if best is not None and v == best
+                                           else "") for v in values]))
+        self._fill(self.query_one("#compare-results", DataTable), "RESULT", c, rows)
 
     def _fill_curves(self, c: Comparison) -> None:
         train, evals = [], []
         for i, (run, curves) in enumerate(zip(c.runs, c.curves, strict=False)):
             color = SERIES_COLORS[i % len(SERIES_COLORS)]
-            label = run_column_label(run)
+            label = self._label(run)
             loss, ev = curves.get("loss", []), curves.get("eval_loss", [])
             train.append(Series(label, [s for s, _ in loss], [v for _, v in loss], color))
             evals.append(Series(label, [s for s, _ in ev], [v for _, v in ev], color))

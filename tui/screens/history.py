@@ -190,7 +190,9 @@ class HistoryScreen(Screen):
                         compact=True)
             yield Select([(s, s) for s in STATUS_CHOICES], prompt="any status",
                          id="runs-status", compact=True, allow_blank=True)
-        yield RunPageTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        # Mark, status and name stay in view when the table scrolls sideways.
+        yield RunPageTable(id="runs-table", cursor_type="row", zebra_stripes=True,
+                           fixed_columns=3)
         yield Static("loading runs...", id="runs-info")
         yield Footer()
 
@@ -298,8 +300,9 @@ class HistoryScreen(Screen):
             else:
                 span = "no runs yet: start one with New run or `zerotune run PROFILE`"
         else:
-            span = (f"{q.offset + 1}-{q.offset + len(page.rows)} of {page.total:,} runs"
-                    if page.total > len(page.rows) else f"{page.total:,} runs")
+            runs = "run" if page.total == 1 else "runs"
+            span = (f"{q.offset + 1}-{q.offset + len(page.rows)} of {page.total:,} {runs}"
+                    if page.total > len(page.rows) else f"{page.total:,} {runs}")
         parts = [span, f"sorted by {sort_label} {'▼' if q.descending else '▲'}"]
         if q.status:
             parts.append(f"status {q.status}")

@@ -127,8 +127,9 @@ def read_log(path: Path, cursor: PollCursor) -> list[str]:
 
 
 def poll_run(db: history.HistoryDB | None, run_id: str, cursor: PollCursor,
-             reconcile: bool = True) -> RunPoll:
-    """Everything new about ``run_id`` since ``cursor`` (which it advances)."""
+             reconcile: bool = True, now: float | None = None) -> RunPoll:
+    """Everything new about ``run_id`` since ``cursor`` (which it advances); ``now`` decides
+    whether a running run shows as stalled."""
     if db is None:
         return RunPoll(None, error="no run history in this workspace yet")
     now = time.monotonic()
@@ -136,6 +137,8 @@ def poll_run(db: history.HistoryDB | None, run_id: str, cursor: PollCursor,
         cursor.last_reconcile = now
         history.reconcile(db)  # a supervisor that died is noticed while we watch
     run = history.get_run(db, run_id)
+    if now is not None:
+        run["status"] = history.effective_status({**run, "status": run["recorded_status"]}, now)
     metrics: dict[str, list[tuple[int, float | None]]] = {}
     for name in CHART_METRICS:
         # Per name: an eval point for step N may be recorded after the step point of N.
@@ -319,7 +322,8 @@ class MonitorScreen(Screen):
     def _read(self, cursor: PollCursor) -> None:
         try:
             with self.reader.db() as db:
-                poll = poll_run(db, self.run_id, cursor, reconcile=self.reconcile)
+                poll = poll_run(db, self.run_id, cursor, reconcile=self.reconcile,
+                                now=self.clock())
         except Exception as exc:
             poll = RunPoll(None, error=f"{type(exc).__name__}: {exc}")
         self.post_message(self.Polled(poll))

@@ -80,9 +80,11 @@ class RunDetail:
     log_tail: str | None = None
 
 
-def read_detail(db: history.HistoryDB, run_id: str) -> RunDetail:
+def read_detail(db: history.HistoryDB, run_id: str, now: float | None = None) -> RunDetail:
     report = show_report(db, run_id)
     run = report["run"]
+    if now is not None:
+        run["status"] = history.effective_status({**run, "status": run["recorded_status"]}, now)
     run_dir = history.run_dir_of(run)
     files: dict[str, str | None] = {}
     log = None
@@ -193,7 +195,8 @@ def environment_rows(env: dict[str, Any]) -> list[tuple[str, Any]]:
     if env.get("data_fingerprint"):
         rows.append(("data fingerprint", env["data_fingerprint"]))
     for path, digest in (env.get("data_files") or {}).items():
-        rows.append(("data file", f"{path}\nsha256 {digest}"))
+        rows.append(("data file", path))
+        rows.append(("  sha256", digest))
     return rows
 
 
@@ -279,7 +282,7 @@ class RunDetailScreen(Screen):
             with self.reader.db() as db:
                 if db is None:
                     raise history.RunNotFound("no run history in this workspace yet")
-                detail = read_detail(db, self.run_id)
+                detail = read_detail(db, self.run_id, now=self.clock())
         except Exception as exc:
             self.post_message(self.Loaded(None, f"{type(exc).__name__}: {exc}"))
             return
