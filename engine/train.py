@@ -230,7 +230,11 @@ def cpt_dataset(rows: list[dict], tokenizer, max_len: int, packing: bool):
 
     ds = ds.map(tokenize, batched=True, remove_columns=ds.column_names)
     if not packing:
-        return ds.map(lambda b: {"input_ids": [x[:max_len] for x in b["input_ids"]]}, batched=True)
+        def truncate(batch):
+            ids = [x[:max_len] for x in batch["input_ids"]]
+            return {"input_ids": ids, "labels": [list(x) for x in ids]}
+
+        return ds.map(truncate, batched=True)
 
     def group(batch):
         flat = [t for seq in batch["input_ids"] for t in seq]
@@ -504,7 +508,7 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
     log(f"{kind} on {fmt} data: {len(train_rows)} train / {len(val_rows)} eval rows, "
         f"{num_params / 1e6:.2f}M params, world size {args.world_size}, ZeRO-{p.deepspeed.zero_stage}")
     if kind == "cpt":
-        from transformers import DataCollatorForLanguageModeling
+        from transformers import DataCollatorForSeq2Seq, default_data_collator
 
         with args.main_process_first(desc="tokenize"):
             train_ds = cpt_dataset(train_rows, tokenizer, p.data.max_seq_len, p.data.packing)
@@ -521,7 +525,10 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
             model = get_peft_model(model, peft_config)
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           processing_class=tokenizer,
-                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+                          # Labels are built with the data. The usual LM collator would mask every
+                          # pad-id token, and pad is often eos: documents would never learn to end.
+                          data_collator=default_data_collator if p.data.packing else
+                          DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100),
                           callbacks=[callback])
     else:
         from datasets import Dataset

@@ -264,3 +264,13 @@ def test_engine_failure_is_recorded_with_reason(tmp_path: Path) -> None:
     assert run["status"] == "failed"
     assert "no full sequence" in (run["reason"] or ""), run["reason"]
     assert "no full sequence" in r.stdout
+
+
+def test_cpt_without_packing_pads_and_learns_to_end_documents(tmp_path: Path) -> None:
+    profile = tiny_profile(tmp_path, "cpt", data={"packing": False},
+                           training={"max_steps": 8, "lr": 3.0e-3, "eval_every": 4})
+    ws, r = run_profile(tmp_path, profile)
+    run, events = check_completed_run(ws, r)
+    losses = eval_losses(events)
+    assert losses[-1] < losses[0]
+    assert events[0]["train_rows"] == 108
