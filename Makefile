@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	    $(PY) -m pip install torch==2.13.0 || \
 	    $(PY) -m pip install torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
+	$(PY) -m pip install setuptools wheel
 	$(PY) -m pip install --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 

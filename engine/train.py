@@ -355,8 +355,9 @@ def make_callback(events: EventWriter | None, run_dir: Path, info: dict[str, Any
                 extra = {k: float(v) for k, v in metrics.items()
                          if k.startswith("eval_") and k != "eval_loss" and isinstance(v, (int, float))
                          and not k.endswith(("_runtime", "_per_second"))}
-                events.emit("eval", step=state.global_step, eval_loss=loss,
-                            perplexity=_ppl(loss), **extra)
+                # A DPO loss is no language-model loss: its exp() is no perplexity.
+                ppl = _ppl(loss) if info.get("method") != "dpo" else None
+                events.emit("eval", step=state.global_step, eval_loss=loss, perplexity=ppl, **extra)
 
         def on_save(self, args, state, control, **kw):
             path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -575,7 +576,7 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
     summary = {
         "steps": state.global_step, "final_loss": callback.last_loss,
         "final_eval_loss": callback.last_eval, "best_eval_loss": callback.best_eval,
-        "perplexity": _ppl(callback.last_eval),
+        "perplexity": _ppl(callback.last_eval) if kind != "dpo" else None,
         "tokens_per_s": tokens / train_time if tokens and train_time else None,
         "train_time": train_time, "wall_time": wall, "model_dir": str(model_dir),
     }
