@@ -50,7 +50,10 @@ async def _until(pilot, condition: Callable[[], bool], timeout: float = 30.0) ->
         if time.monotonic() > deadline:
             raise SystemExit("timed out waiting for the history screen")
         await asyncio.sleep(0.001)
-    await pilot.pause()  # the page is applied: let the screen draw it
+    # The page is applied: wait until every widget has handled its messages, then paint the
+    # screen (pause(0) does both; pause() would also wait for the machine to be idle, which
+    # on a busy machine measures the other processes).
+    await pilot.pause(0)
 
 
 async def _timed(pilot, screen: HistoryScreen, act: Callable[[], Awaitable[None] | None],
@@ -76,6 +79,9 @@ async def measure(ws: Path, repeat: int, size: tuple[int, int]) -> dict[str, lis
             await _until(pilot, lambda s=screen: s.loads > 0)
             results.setdefault("open the history screen", []).append(
                 ((time.perf_counter() - t) * 1000, screen.page.elapsed_ms))
+            first = screen.page.rows[0]["name"]
+            if first not in app.export_screenshot():  # the figure is for a drawn page
+                raise SystemExit(f"the first run ({first}) is not on the screen")
 
             filt = screen.query_one("#runs-filter", Input)
             filt.focus()

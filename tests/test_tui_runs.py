@@ -26,7 +26,8 @@ from engine import history
 from engine.workspace import db_path
 from tests.conftest import tiny_profile, zerotune
 from tui.screens.compare import CompareScreen
-from tui.screens.history import HistoryScreen, RunPageTable
+from tui.screens.history import HistoryScreen
+from tui.widgets.run_table import RunTable
 from tui.screens.monitor import MonitorScreen
 from tui.screens.run_detail import RunDetailScreen, last_traceback
 from tui.widgets.run_confirm import ConfirmRunAction
@@ -243,7 +244,9 @@ async def wait_for(pilot, condition: Callable[[], Any], timeout: float = 10.0,
         await pilot.pause(0.05)
 
 
-def table_rows(table: DataTable) -> list[list[str]]:
+def table_rows(table: DataTable | RunTable) -> list[list[str]]:
+    if isinstance(table, RunTable):
+        return [table.get_row(i) for i in range(table.row_count)]
     return [[str(getattr(c, "plain", c)) for c in table.get_row_at(i)]
             for i in range(table.row_count)]
 
@@ -307,7 +310,7 @@ async def test_history_filters_as_you_type_and_by_status(fixture_ws):
     async with app.run_test(size=(120, 30)) as pilot:
         screen = await wait_for(pilot, lambda: isinstance(app.screen, HistoryScreen)
                                 and app.screen.loads and app.screen, what="history")
-        table = screen.query_one(RunPageTable)
+        table = screen.query_one(RunTable)
         assert table.row_count == 6
         assert history_names(screen)[0] == "owasp-cpt"  # newest first
         await pilot.press("slash")
@@ -327,7 +330,7 @@ async def test_history_filters_as_you_type_and_by_status(fixture_ws):
         assert history_names(screen) == ["legal-dpo"]
         assert "failed" in table_rows(table)[0][1]
         await pilot.press("escape")  # leaves the filter for the table
-        assert isinstance(app.focused, RunPageTable)
+        assert isinstance(app.focused, RunTable)
         await pilot.press("t")  # next status in the cycle after failed: stopped
         await wait_for(pilot, lambda: screen.page.query.status == "stopped")
         assert history_names(screen) == ["chat-cpt"]
@@ -344,9 +347,9 @@ async def test_history_sorts_by_any_column(fixture_ws):
         await wait_for(pilot, lambda: screen.page.query.sort == "id")
         assert [r["id"] for r in screen.page.rows] == sorted(r["id"] for r in screen.page.rows)
         # Clicking a header sorts by it; clicking again reverses.
-        table = screen.query_one(RunPageTable)
-        table.post_message(DataTable.HeaderSelected(table, table.columns["name"].key, 3,
-                                                    table.columns["name"].label))
+        table = screen.query_one(RunTable)
+        await pilot.click(table, offset=(20, 0))  # the NAME header
+
         await wait_for(pilot, lambda: screen.page.query.sort == "name")
         names = history_names(screen)
         assert names == sorted(names)
@@ -369,7 +372,7 @@ async def test_history_pages_past_the_last_row(fixture_ws):
         assert len(screen.page.rows) == 2 and not set(first) & set(history_names(screen))
         await pilot.press("up")  # before the first row: back, cursor on the last row
         await wait_for(pilot, lambda: screen.page.query.offset == 0)
-        assert screen.query_one(RunPageTable).cursor_row == 3
+        assert screen.query_one(RunTable).cursor_row == 3
 
 
 @pytest.mark.asyncio

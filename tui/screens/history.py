@@ -1,7 +1,8 @@
 """The run history browser: every run of the workspace, filtered and sorted as you type.
 
 The table holds one page of runs (:data:`PAGE_SIZE`) that :func:`engine.history.page_runs`
-filters and sorts in SQL, in a worker; moving past the last row loads the next page. So opening
+filters and sorts in SQL, in a worker, and draws only the rows in view
+(:class:`~tui.widgets.run_table.RunTable`); moving past the last row loads the next page. So opening
 the screen and applying a filter cost the same with 10 runs or 10,000 (``bench/tui_history.py``).
 """
 
@@ -20,10 +21,11 @@ from textual.binding import Binding, BindingType
 from textual.containers import Horizontal
 from textual.message import Message
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Input, Select, Static
+from textual.widgets import Footer, Input, Select, Static
 
 from engine import history
 from tui.widgets.run_confirm import Confirmed, ConfirmRunAction
+from tui.widgets.run_table import RunTable, TableColumn
 from tui.widgets.run_format import (
     HistoryReader,
     fmt_duration,
@@ -33,7 +35,7 @@ from tui.widgets.run_format import (
     status_text,
 )
 
-PAGE_SIZE = 200
+PAGE_SIZE = 500
 # Refresh the page this often while it shows a live run (starting, running, stalled).
 LIVE_REFRESH_S = 2.0
 
@@ -45,6 +47,7 @@ class Column:
     width: int
     descending: bool = False  # the first direction when sorting by this column
     render: Callable[[dict[str, Any]], Any] = lambda r: "-"
+    justify: str = "left"
 
 
 def _method(r: dict[str, Any]) -> str:
@@ -67,25 +70,23 @@ def _started(r: dict[str, Any]) -> str:
     return time.strftime("%m-%d %H:%M", time.localtime(t)) if t else "-"
 
 
-def _right(text: str) -> Text:
-    return Text(text, justify="right")
-
-
 COLUMNS: tuple[Column, ...] = (
     Column("mark", " ", 1, render=lambda r: ""),
     Column("status", "STATUS", 9, render=lambda r: status_text(r.get("status"))),
     Column("name", "NAME", 16, render=lambda r: r.get("name") or "-"),
     Column("method", "METHOD", 9, render=_method),
     Column("model", "MODEL", 12, render=lambda r: r.get("model") or "-"),
-    Column("zero_stage", "ZeRO", 4,
-           render=lambda r: _right("-" if r.get("zero_stage") is None else str(r["zero_stage"]))),
-    Column("final_eval_loss", "EVAL", 6, render=lambda r: _right(fmt_num(r.get("final_eval_loss")))),
-    Column("best_eval_loss", "BEST", 6, render=lambda r: _right(fmt_num(r.get("best_eval_loss")))),
-    Column("tokens_per_s", "TOK/S", 6, True,
-           render=lambda r: _right(fmt_num(r.get("tokens_per_s"), 3))),
+    Column("zero_stage", "ZeRO", 4, justify="right",
+           render=lambda r: "-" if r.get("zero_stage") is None else str(r["zero_stage"])),
+    Column("final_eval_loss", "EVAL", 6, justify="right",
+           render=lambda r: fmt_num(r.get("final_eval_loss"))),
+    Column("best_eval_loss", "BEST", 6, justify="right",
+           render=lambda r: fmt_num(r.get("best_eval_loss"))),
+    Column("tokens_per_s", "TOK/S", 6, True, justify="right",
+           render=lambda r: fmt_num(r.get("tokens_per_s"), 3)),
     Column("peak_mem_bytes", "PEAK MEM", 9, True, render=_peak),
-    Column("duration_s", "TIME", 7, True,
-           render=lambda r: _right(fmt_duration(r.get("duration_s")))),
+    Column("duration_s", "TIME", 7, True, justify="right",
+           render=lambda r: fmt_duration(r.get("duration_s"))),
     Column("created_at", "STARTED", 11, True, render=_started),
     Column("id", "ID", 12, render=lambda r: Text(r["id"], style="dim")),
 )
@@ -109,27 +110,6 @@ class Page:
     total: int
     elapsed_ms: float
     lost: list[str] = field(default_factory=list)
-
-
-class RunPageTable(DataTable):
-    """The page of runs; moving past its first or last row asks for the neighbouring page."""
-
-    class EdgeReached(Message):
-        def __init__(self, step: int):
-            super().__init__()
-            self.step = step
-
-    def action_cursor_down(self) -> None:
-        if self.row_count and self.cursor_row >= self.row_count - 1:
-            self.post_message(self.EdgeReached(+1))
-            return
-        super().action_cursor_down()
-
-    def action_cursor_up(self) -> None:
-        if self.row_count and self.cursor_row <= 0:
-            self.post_message(self.EdgeReached(-1))
-            return
-        super().action_cursor_up()
 
 
 class HistoryScreen(Screen):
@@ -191,8 +171,7 @@ class HistoryScreen(Screen):
             yield Select([(s, s) for s in STATUS_CHOICES], prompt="any status",
                          id="runs-status", compact=True, allow_blank=True)
         # Mark, status and name stay in view when the table scrolls sideways.
-        yield RunPageTable(id="runs-table", cursor_type="row", zebra_stripes=True,
-                           fixed_columns=3)
+        yield RunTable(id="runs-table", fixed_columns=3)
         yield Static("loading runs...", id="runs-info")
         yield Footer()
 
@@ -208,15 +187,14 @@ class HistoryScreen(Screen):
             self.load(keep_cursor=True)
 
     def _set_columns(self) -> None:
-        table = self.query_one(RunPageTable)
-        table.clear(columns=True)
         q = self.query_state
+        columns = []
         for col in COLUMNS:
-            label = Text(col.label)
+            label, width = col.label, col.width
             if col.key == q.sort:
-                label = Text(col.label + (" ▼" if q.descending else " ▲"), style="bold")
-            table.add_column(label, width=col.width + (2 if col.key == q.sort else 0),
-                             key=col.key)
+                label, width = col.label + (" ▼" if q.descending else " ▲"), width + 2
+            columns.append(TableColumn(col.key, label, width, col.justify))
+        self.query_one(RunTable).set_columns(columns)
 
     # -- loading -------------------------------------------------------------------------
 
@@ -273,20 +251,14 @@ class HistoryScreen(Screen):
         self._schedule_live_refresh()
 
     def _fill_table(self, page: Page) -> None:
-        table = self.query_one(RunPageTable)
-        table.clear()
-        table.add_rows(
-            ([("●" if r["id"] in self.marked else "")] + [c.render(r) for c in COLUMNS[1:]]
-             for r in page.rows),
-        )
-        # add_rows keys rows by index; keep our own id list for lookups.
-        self._row_ids = [r["id"] for r in page.rows]
+        ids = [r["id"] for r in page.rows]
         target = self._cursor_to
-        if isinstance(target, str) and target in self._row_ids:
-            table.move_cursor(row=self._row_ids.index(target), animate=False)
-        elif isinstance(target, int) and page.rows:
-            table.move_cursor(row=target if target >= 0 else len(page.rows) + target,
-                              animate=False)
+        cursor = ids.index(target) if isinstance(target, str) and target in ids else \
+            target if isinstance(target, int) else 0
+        self.query_one(RunTable).set_rows(page.rows, cursor=cursor, render_row=self._cells)
+
+    def _cells(self, run: dict[str, Any]) -> list[Any]:
+        return ["●" if run["id"] in self.marked else "", *(c.render(run) for c in COLUMNS[1:])]
 
     def _update_info(self) -> None:
         page = self.page
@@ -333,7 +305,7 @@ class HistoryScreen(Screen):
 
     @on(Input.Submitted, "#runs-filter")
     def _filter_submitted(self) -> None:
-        self.query_one(RunPageTable).focus()
+        self.query_one(RunTable).focus()
 
     @on(Select.Changed, "#runs-status")
     def _status_changed(self, event: Select.Changed) -> None:
@@ -351,9 +323,9 @@ class HistoryScreen(Screen):
             self._set_columns()
         self.load()
 
-    @on(DataTable.HeaderSelected)
-    def _header_clicked(self, event: DataTable.HeaderSelected) -> None:
-        key = str(event.column_key.value)
+    @on(RunTable.HeaderClicked)
+    def _header_clicked(self, event: RunTable.HeaderClicked) -> None:
+        key = event.key
         col = next((c for c in SORTABLE if c.key == key), None)
         if col is None:
             return
@@ -387,7 +359,7 @@ class HistoryScreen(Screen):
 
     def action_back(self) -> None:
         if self.focused is not None and self.focused.id == "runs-filter":
-            self.query_one(RunPageTable).focus()
+            self.query_one(RunTable).focus()
         elif len(self.app.screen_stack) > 1 and self.app.screen is self:
             self.dismiss()
         elif callable(getattr(self.app, "action_home", None)):
@@ -396,8 +368,8 @@ class HistoryScreen(Screen):
     def action_page(self, step: int) -> None:
         self._go_page(step)
 
-    @on(RunPageTable.EdgeReached)
-    def _edge(self, event: RunPageTable.EdgeReached) -> None:
+    @on(RunTable.EdgeReached)
+    def _edge(self, event: RunTable.EdgeReached) -> None:
         self._go_page(event.step)
 
     def _go_page(self, step: int) -> None:
@@ -413,7 +385,7 @@ class HistoryScreen(Screen):
     # -- the run under the cursor --------------------------------------------------------
 
     def current_run(self) -> dict[str, Any] | None:
-        table = self.query_one(RunPageTable)
+        table = self.query_one(RunTable)
         if self.page is None or not self.page.rows or table.cursor_row < 0:
             return None
         if table.cursor_row >= len(self.page.rows):
@@ -430,7 +402,7 @@ class HistoryScreen(Screen):
             self.notify("no run selected", severity="warning")
         return run
 
-    @on(DataTable.RowSelected, "#runs-table")
+    @on(RunTable.RowSelected, "#runs-table")
     def _row_selected(self) -> None:
         self.action_open()
 
@@ -471,11 +443,11 @@ class HistoryScreen(Screen):
             del self.marked[run["id"]]
         else:
             self.marked[run["id"]] = run
-        table = self.query_one(RunPageTable)
+        table = self.query_one(RunTable)
         row = table.cursor_row
-        table.update_cell_at((row, 0), "●" if run["id"] in self.marked else "")
+        table.refresh_row(row)
         if row < table.row_count - 1:
-            table.move_cursor(row=row + 1, animate=False)
+            table.move_cursor(row + 1)
         self._update_info()
 
     def action_compare(self) -> None:
