@@ -506,6 +506,49 @@ async def test_monitor_shows_a_recorded_run(fixture_ws, utc):
         await wait_for(pilot, lambda: app.screen is screen)
 
 
+@pytest.mark.asyncio
+async def test_rerun_that_cannot_start_says_why(fixture_ws):
+    ws, _ = fixture_ws
+    app = RunsTestApp(lambda: HistoryScreen(ws, clock=lambda: NOW))
+    async with app.run_test(size=(120, 30)) as pilot:
+        screen = await wait_for(pilot, lambda: isinstance(app.screen, HistoryScreen)
+                                and app.screen.loads and app.screen)
+        screen.query_one(Select).value = "failed"
+        await wait_for(pilot, lambda: screen.page.query.status == "failed")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: isinstance(app.screen, ConfirmRunAction))
+        await pilot.press("y")
+        # The fixture's frozen profile names data that is not there: the runner refuses it
+        # (as `zerotune runs rerun` would) and the TUI says why.
+        note = await wait_for(pilot, lambda: [n for n in app._notifications
+                                              if "cannot re-run" in n.message], timeout=60)
+        assert note[0].severity == "error", note[0].message
+        assert "data.train: file not found" in note[0].message
+        assert app.screen is screen and screen.page.total == 1
+
+
+def test_device_gauges_show_each_gpu_or_cpu_and_ram():
+    from tui.widgets.run_gauges import DeviceGauges
+
+    gib = 1024**3
+    gauges = DeviceGauges(cpu_count=8)
+    gauges.samples = [
+        {"device": "gpu0", "kind": "gpu", "util": 93.0, "mem_used": 70 * gib,
+         "mem_total": 80 * gib, "power_w": 412.0},
+        {"device": "gpu1", "kind": "gpu", "util": None, "mem_used": None, "mem_total": None,
+         "power_w": None},
+    ]
+    text = gauges.render().plain.splitlines()
+    assert len(text) == 4 and text[0].startswith("gpu0") and "93%" in text[0]
+    assert "412W" in text[0] and "70.0G/80.0G" in text[1]
+    assert "N/A" in text[2]  # unsupported metrics are N/A, not a crash
+    gauges.samples = [{"device": "host", "kind": "host", "util": 350.0, "mem_used": 9 * gib,
+                       "mem_total": 16 * gib, "proc_mem": 2 * gib}]
+    text = gauges.render().plain.splitlines()
+    assert text[0].startswith("CPU") and "350%/800%" in text[0]
+    assert "9.0G/16.0G" in text[1] and "run 2.0G" in text[2]
+
+
 # --------------------------------------------------------------------------------------------
 # Through the real app
 
@@ -595,15 +638,25 @@ async def test_live_run_monitor_quit_reopen_and_stop(tmp_path: Path):
             assert head.startswith("stopped")
             kinds = [row[2] for row in table_rows(monitor.query_one("#mon-events", DataTable))]
             assert "stopped" in kinds
+            # 4. Resume it from the monitor: a new run from the checkpoint, in its own monitor.
+            await pilot.press("u")
+            await wait_for(pilot, lambda: isinstance(app.screen, ConfirmRunAction))
+            await pilot.press("y")
+            resumed = await wait_for(pilot, lambda: isinstance(app.screen, MonitorScreen)
+                                     and app.screen is not monitor and app.screen.polls
+                                     and app.screen, timeout=60, what="the resumed run")
+            assert resumed.run_id != run_id
+            await wait_for(pilot, lambda: (resumed.run or {}).get("parent_run_id") == run_id)
+            assert resumed.run["relation"] == "resume"
     finally:
-        run = next((x for x in _runs(ws) if x["id"] == run_id), None)
-        if run and run["recorded_status"] in history.ACTIVE_STATUSES:
-            from engine.supervisor import stop
+        for run in _runs(ws):
+            if run["recorded_status"] in history.ACTIVE_STATUSES:
+                from engine.supervisor import stop
 
-            try:
-                stop(run, kill=True)
-            except Exception:  # best-effort cleanup: the run may have just ended
-                pass
+                try:
+                    stop(run, kill=True)
+                except Exception:  # best-effort cleanup: the run may have just ended
+                    pass
 
 
 # --------------------------------------------------------------------------------------------
