@@ -15,6 +15,8 @@ least ``event`` (its kind) and ``t`` (unix time, float). Kinds and their fields:
 - ``done``: summary {steps, final_loss, final_eval_loss, best_eval_loss, perplexity,
   tokens_per_s, wall_time, model_dir}
 - ``error``: kind (oom|host_oom|bad_data|timeout|config|engine), reason (one line), step
+- ``infer``: mode, world_size, prompts, tokens_in, tokens_out, tokens_per_s, latency_p50_s,
+  latency_p95_s, peak_mem_bytes, peak_mem_kind, generations (path)  -- engine.infer
 
 This module is pure Python and safe to import anywhere.
 """
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-EVENT_KINDS = ("start", "step", "eval", "checkpoint", "warning", "stopped", "done", "error")
+EVENT_KINDS = ("start", "step", "eval", "checkpoint", "warning", "stopped", "done", "error", "infer")
 
 
 class EventWriter:
