@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +26,7 @@ from textual.widgets import DataTable, Input, Select
 
 from engine import history
 from engine.workspace import db_path
-from tests.conftest import tiny_profile, zerotune
+from tests.conftest import REPO, tiny_profile, zerotune
 from tui.screens.compare import CompareScreen
 from tui.screens.history import HistoryScreen
 from tui.widgets.run_table import RunTable
@@ -525,6 +527,17 @@ async def test_rerun_that_cannot_start_says_why(fixture_ws):
         assert note[0].severity == "error", note[0].message
         assert "data.train: file not found" in note[0].message
         assert app.screen is screen and screen.page.total == 1
+
+
+def test_run_screens_import_without_the_training_stack():
+    code = ("import sys\n"
+            "import tui.screens.history, tui.screens.monitor, tui.screens.run_detail\n"
+            "import tui.screens.compare\n"
+            "heavy = {'torch', 'deepspeed', 'transformers', 'trl', 'datasets', 'sqlite_utils'}\n"
+            "print(sorted(heavy & set(sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
 def test_device_gauges_show_each_gpu_or_cpu_and_ram():

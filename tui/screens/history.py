@@ -36,6 +36,7 @@ from tui.widgets.run_format import (
 )
 
 PAGE_SIZE = 500
+_KEEP = object()  # keep the cursor on its run across a reload
 # Refresh the page this often while it shows a live run (starting, running, stalled).
 LIVE_REFRESH_S = 2.0
 
@@ -159,7 +160,7 @@ class HistoryScreen(Screen):
         self.loads = 0  # pages applied, for tests and the benchmark
         self._generation = 0
         self._reconciled = False
-        self._cursor_to: str | int | None = None
+        self._cursor_to: str | int | object | None = None
         self._refresh_timer = None
 
     # -- layout --------------------------------------------------------------------------
@@ -204,7 +205,7 @@ class HistoryScreen(Screen):
         if cursor is not None:
             self._cursor_to = cursor
         elif keep_cursor:
-            self._cursor_to = self.current_run_id()
+            self._cursor_to = _KEEP  # decided when the page arrives: the user may move on
         else:
             self._cursor_to = 0
         self._fetch(self._generation, self.query_state)
@@ -243,16 +244,21 @@ class HistoryScreen(Screen):
         page = message.page
         same = (self.page is not None and self.page.query == page.query
                 and self.page.rows == page.rows)
+        target = self._cursor_to
+        if target is _KEEP:
+            # The run under the cursor, else the same row (that run was deleted).
+            target = self.current_run_id() or 0
+            if target not in {r["id"] for r in page.rows}:
+                target = self.query_one(RunTable).cursor_row
         self.page = page
         if not same:
-            self._fill_table(page)
+            self._fill_table(page, target)
         self.loads += 1
         self._update_info()
         self._schedule_live_refresh()
 
-    def _fill_table(self, page: Page) -> None:
+    def _fill_table(self, page: Page, target: str | int | None) -> None:
         ids = [r["id"] for r in page.rows]
-        target = self._cursor_to
         cursor = ids.index(target) if isinstance(target, str) and target in ids else \
             target if isinstance(target, int) else 0
         self.query_one(RunTable).set_rows(page.rows, cursor=cursor, render_row=self._cells)
