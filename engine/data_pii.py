@@ -1,0 +1,414 @@
+"""Personal data and secrets in training text: found, counted and replaced by typed placeholders.
+
+Kinds, from the most specific to the least (an overlap goes to the earlier kind, so a token
+inside a URL or an address inside a key is claimed once): private key blocks, passwords in
+URLs, JWTs, AWS access keys and secrets, GitHub and Slack tokens, ``sk-``/Stripe/Google/Hugging
+Face/GitLab/npm keys, bearer and basic credentials, ``password=``/``api_key:`` assignments,
+e-mail addresses, IPv6 and IPv4 addresses, payment card numbers and phone numbers. Each is
+replaced by ``<KIND>``.
+
+Precision matters as much as recall: training text is full of version numbers, dates, hashes,
+ISBNs and order numbers. Each finder validates what it matched (octet ranges, the Luhn checksum
+and issuer prefix of a card, the randomness of a key, words before a number such as "version"
+or "order") before reporting it.
+
+Speed: a row is scanned by a few cheap substring tests and one regular expression for runs of
+digits; the detailed expressions run only where those found something, so clean text costs a
+few microseconds per kilobyte.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+PLACEHOLDER = "<{}>"
+KINDS = ("PRIVATE_KEY", "PASSWORD", "JWT", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "GITHUB_TOKEN",
+         "SLACK_TOKEN", "API_KEY", "BEARER_TOKEN", "EMAIL", "IPV6", "IPV4", "CARD_NUMBER", "PHONE")
+
+# Values that stand for a secret in documentation rather than being one.
+_PLACEHOLDER_VALUE = re.compile(
+    r"^(?:\$\{?[\w.-]*\}?|\{\{.*\}\}|<[^>]*>|%[sd]|\*+|x{3,}|\.{3,}|your[\w-]*|"
+    r"(?:password|passwd|pass|pwd|secret|token|changeme|example|redacted|hidden|none|null)\W*)$",
+    re.IGNORECASE,
+)
+_FILE_TLDS = {"png", "jpg", "jpeg", "gif", "svg", "webp", "ico", "js", "ts", "py", "css", "html",
+              "json", "md", "txt", "zip", "gz", "tar", "pdf", "csv", "yaml", "yml", "exe", "dll"}
+_VERSION_CONTEXT = re.compile(
+    r"(?i)(?:version|release|build|firmware|\bv|ver|kernel|python|node|java|upgrade|update|"
+    r"downgrade|tag|sdk|api|chapter|section|figure|fig|table|step|clause|rule|paragraph|appendix|"
+    r"§)\W{0,3}$")
+_IP_CONTEXT = re.compile(r"(?i)(?:\bip|address|host|server|dns|ping|gateway|subnet|route|proxy|"
+                         r"connect\w*|from|to)\W{0,12}$")
+_NUMBER_CONTEXT = re.compile(r"(?i)(?:order|invoice|tracking|ticket|isbn|ref|reference|serial|"
+                             r"transaction|account|acct|\bid|sku|part|item|case|\bno)\W{0,4}"
+                             r"(?:number|no|id)?\W{0,4}$")
+_CARD_CONTEXT = re.compile(r"(?i)(?:card|visa|mastercard|amex|credit|debit|\bcc|\bpan)\b[^\n]{0,24}$")
+_PHONE_LABEL = re.compile(r"(?i)(?:phone|\btel|telephone|mobile|\bcell|\bfax|whatsapp|\bcall(?: me)?"
+                          r"(?: at| on)?|\bsms|\bdial)\W{0,3}(?:no\.?|number)?\W{0,3}$")
+
+
+def _mixed(value: str, min_classes: int = 2) -> bool:
+    """Looks random: letters and digits mixed (or upper case, lower case and digits)."""
+    digit = any(c.isdigit() for c in value)
+    classes = digit + any(c.islower() for c in value) + any(c.isupper() for c in value)
+    return classes >= 3 or (digit and classes >= min_classes)
+
+
+def _word_char(text: str, i: int) -> bool:
+    return 0 <= i < len(text) and (text[i].isalnum() or text[i] == "_")
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _card_issuer(d: str) -> bool:
+    n = len(d)
+    if d[0] == "4":
+        return n in (13, 16, 19)
+    two, three, four = int(d[:2]), int(d[:3]), int(d[:4])
+    if 51 <= two <= 55 or 2221 <= four <= 2720:
+        return n == 16
+    if two in (34, 37):
+        return n == 15
+    if d.startswith("6011") or two == 65 or 644 <= three <= 649:
+        return 16 <= n <= 19
+    if 3528 <= four <= 3589 or two == 62:
+        return 16 <= n <= 19
+    if 300 <= three <= 305 or two in (36, 38, 39):
+        return 14 <= n <= 19
+    if two in (50, 56, 57, 58) or d.startswith(("6304", "6759", "676")):
+        return 12 <= n <= 19
+    return False
+
+
+@dataclass
+class Hit:
+    kind: str
+    value: str
+    start: int = 0
+    end: int = 0
+
+
+Span = tuple[int, int, str]  # start, end, kind
+
+
+# --------------------------------------------------------------------------------------------
+# Finders: each yields spans of the original text
+# --------------------------------------------------------------------------------------------
+
+_PRIVATE_KEY = re.compile(
+    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+    r"(?:(?:\s|\\n)*[A-Za-z-]+: [^\n\\]*)*(?:\s|\\n)*[A-Za-z0-9+/]{20,}[A-Za-z0-9+/=\s\\]*"
+    r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----)?")
+_URL_CREDENTIALS = re.compile(r"[^\s:/@'\"<>]{1,64}:(?P<v>[^\s@/'\"<>]{1,128})@(?=[A-Za-z0-9\[])")
+# Tokens with a fixed prefix: each prefix is found with str.find and the expression is matched
+# there, so text without the prefix costs one substring search.
+_TOKENS: tuple[tuple[str, str, re.Pattern[str], int], ...] = (
+    ("JWT", "eyJ", re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"), 0),
+    ("AWS_ACCESS_KEY", "A", re.compile(r"A(?:KIA|SIA|BIA|CCA|GPA|IDA|IPA|NPA|NVA|PKA|ROA|SCA)[A-Z0-9]{16}(?![A-Za-z0-9])"), 0),
+    ("GITHUB_TOKEN", "gh", re.compile(r"gh[pousr]_[A-Za-z0-9]{36,255}(?!\w)"), 0),
+    ("GITHUB_TOKEN", "github_pat_", re.compile(r"github_pat_[A-Za-z0-9_]{22,255}"), 0),
+    ("SLACK_TOKEN", "xox", re.compile(r"xox[abposre]-[A-Za-z0-9-]{10,250}"), 0),
+    ("SLACK_TOKEN", "xapp-", re.compile(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+"), 0),
+    ("SLACK_TOKEN", "https://hooks.slack.com/",
+     re.compile(r"https://hooks\.slack\.com/services/T[A-Za-z0-9]+/B[A-Za-z0-9]+/[A-Za-z0-9]+"), 0),
+    ("API_KEY", "sk-", re.compile(r"sk-(?:proj-|ant-(?:api\d\d-)?|or-v1-|live-|svcacct-)?[A-Za-z0-9_-]{20,}"), 3),
+    ("API_KEY", "k_", re.compile(r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"), 3),
+    ("API_KEY", "AIza", re.compile(r"AIza[0-9A-Za-z_-]{35}(?![\w-])"), 3),
+    ("API_KEY", "hf_", re.compile(r"hf_[A-Za-z0-9]{30,}(?!\w)"), 3),
+    ("API_KEY", "glpat-", re.compile(r"glpat-[A-Za-z0-9_-]{20,}"), 3),
+    ("API_KEY", "npm_", re.compile(r"npm_[A-Za-z0-9]{36}(?!\w)"), 3),
+)
+# After a keyword (found in the lower-cased text): ``key = value`` and friends. A value ends at
+# whitespace, quotes, brackets or an ``&name=`` that starts the next URL parameter.
+_ASSIGNED = re.compile(r"(?i:[_-]?(?:access[_-]?)?key(?:[_-]?id)?|[_-]?string)?[\"']?\s*(?:[:=]|=>)\s*[\"']?"
+                       r"(?P<v>(?:[^\s\"'`,;)(\]\[&]|&(?![A-Za-z_]\w*=)){6,})")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z_.]*")
+_ASSIGN_KEYWORDS = ("password", "passwd", "pwd", "secret", "token", "key")
+_KEY_PREFIX = re.compile(r"(?:api[_-]?|secret[_-]?|access[_-]?|private[_-]?|client[_-]?|auth[_-]?)$")
+_AUTH = re.compile(r"(?i)(?:bearer|authorization:\s*basic|authorization:\s*token)\s+(?P<v>[A-Za-z0-9._~+/-]{16,}=*)")
+_AUTH_WORDS = ("bearer", "authorization")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}$")
+_EMAIL_DOMAIN = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}(?![\w-])")
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:(?:\d{1,3}\.){3}\d{1,3}|[0-9A-Fa-f]{1,4})?"
+                   r"(?:%\w+)?(?![\w:-]|\.\d)")
+_COLON = re.compile(":")
+# A character-class start keeps the scan on the regex engine's fast path; a "+" or "(" just
+# before a run is included by starting the detailed match one character earlier.
+_DIGIT_RUN = re.compile(r"[0-9][0-9 .()/-]{4,}[0-9]")
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+                   r"(?!\w|\.\w)")
+_CARD = re.compile(r"(?<![\w.-])\d(?:[ -]?\d){11,18}(?![\w-]|\.\d)")
+_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,5}|(?:\([2-9]\d{2}\)\s?|[2-9]\d{2}[-. ])"
+                    r"\d{3}[-. ]\d{4})(?![\w-]|\.\d)")
+_PHONE_LABELLED = re.compile(r"(?<![\w+])\+?\(?\d[\d ()./-]{5,18}\d(?![\w-]|\.\d)")
+
+
+def _find_private_keys(text: str) -> Iterator[Span]:
+    if "PRIVATE KEY" in text:
+        for m in _PRIVATE_KEY.finditer(text):
+            yield m.start(), m.end(), "PRIVATE_KEY"
+
+
+def _find_url_passwords(text: str) -> Iterator[Span]:
+    pos = text.find("://")
+    while pos >= 0:
+        m = _URL_CREDENTIALS.match(text, pos + 3)
+        if m and not _PLACEHOLDER_VALUE.match(m.group("v")):
+            yield m.start("v"), m.end("v"), "PASSWORD"
+        pos = text.find("://", pos + 3)
+
+
+def _find_tokens(text: str) -> Iterator[Span]:
+    for kind, prefix, pattern, classes in _TOKENS:
+        if len(prefix) <= 2:  # a short common prefix: let the expression scan (it starts with it)
+            matches = pattern.finditer(text)
+        else:
+            matches = _matches_at(text, prefix, pattern)
+        for m in matches:
+            start = m.start()
+            if not _word_char(text, start - 1) and (not classes or _mixed(m.group(0), classes)):
+                yield start, m.end(), kind
+
+
+def _matches_at(text: str, prefix: str, pattern: re.Pattern[str]) -> Iterator[re.Match[str]]:
+    pos = text.find(prefix)
+    while pos >= 0:
+        m = pattern.match(text, pos)
+        if m:
+            yield m
+        pos = text.find(prefix, pos + 1)
+
+
+def _find_assignments(text: str, low: str) -> Iterator[Span]:
+    for keyword in _ASSIGN_KEYWORDS:
+        pos = low.find(keyword)
+        while pos >= 0:
+            end = pos + len(keyword)
+            nxt = pos + 1
+            if keyword == "key" and not _KEY_PREFIX.search(low, max(0, pos - 8), pos):
+                pos = low.find(keyword, nxt)
+                continue
+            m = _ASSIGNED.match(text, end)
+            if m:
+                span = _assignment(m, keyword, low, pos)
+                if span:
+                    yield span
+            pos = low.find(keyword, nxt)
+
+
+def _assignment(m: re.Match[str], keyword: str, low: str, pos: int) -> Span | None:
+    v = m.group("v").rstrip(".")
+    after = m.string[m.end("v"):m.end("v") + 1]
+    if (_PLACEHOLDER_VALUE.match(v) or v.startswith(("<", "$", "{", "%", "os.", "process.", "env"))
+            or "://" in v or after == "(" or _IDENTIFIER.fullmatch(v)):
+        return None  # a placeholder, a variable, a call or a URL: not the secret itself
+    start = m.start("v")
+    if keyword in ("password", "passwd", "pwd"):
+        ok = len(v) >= 6 and (_mixed(v) or not v.isalpha())
+        return (start, start + len(v), "PASSWORD") if ok else None
+    if keyword == "secret" and len(v) == 40 and _mixed(v, 3) and all(c.isalnum() or c in "/+" for c in v):
+        return start, start + len(v), "AWS_SECRET_KEY"
+    if keyword == "token" and _word_char(low, pos + len(keyword)):
+        return None
+    return (start, start + len(v), "API_KEY") if len(v) >= 12 and _mixed(v) else None
+
+
+def _find_auth(text: str, low: str) -> Iterator[Span]:
+    for word in _AUTH_WORDS:
+        pos = low.find(word)
+        while pos >= 0:
+            m = _AUTH.match(text, pos)
+            if m and _mixed(m.group("v")) and not _PLACEHOLDER_VALUE.match(m.group("v")):
+                yield m.start("v"), m.end("v"), "BEARER_TOKEN"
+            pos = low.find(word, pos + 1)
+
+
+def _find_emails(text: str) -> Iterator[Span]:
+    pos = text.find("@")
+    while pos >= 0:
+        local = _EMAIL_LOCAL.search(text, max(0, pos - 64), pos)
+        if local and not _word_char(text, local.start() - 1) and text[local.start() - 1:local.start()] not in ".+-":
+            dom = _EMAIL_DOMAIN.match(text, pos + 1)
+            if dom and dom.group(0).rsplit(".", 1)[-1].lower() not in _FILE_TLDS:
+                yield local.start(), dom.end(), "EMAIL"
+        pos = text.find("@", pos + 1)
+
+
+def _ipv6_candidates(text: str) -> Iterator[re.Match[str]]:
+    pos = text.find("::")
+    last = -1
+    while pos >= 0:
+        for m in _IPV6.finditer(text, max(last, pos - 40), min(len(text), pos + 48)):
+            if m.start() <= pos < m.end() or m.end() == pos:
+                last = m.end()
+                yield m
+        pos = text.find("::", max(pos + 2, last))
+    if text.count(":") >= 7:
+        # the full form has 7 colons within 39 characters: only look where colons cluster
+        colons = [c.start() for c in _COLON.finditer(text)]
+        for i in range(len(colons) - 6):
+            if colons[i + 6] - colons[i] <= 36:
+                for m in _IPV6.finditer(text, max(0, colons[i] - 5), min(len(text), colons[i + 6] + 6)):
+                    if "::" not in m.group(0):
+                        yield m
+
+
+def _find_ipv6(text: str) -> Iterator[Span]:
+    seen: set[int] = set()
+    for m in _ipv6_candidates(text):
+        s = m.group(0)
+        if m.start() in seen or s.count(":") < 2 or not any(c.isdigit() for c in s):
+            continue
+        seen.add(m.start())
+        try:
+            addr = ipaddress.IPv6Address(s.split("%", 1)[0])
+        except ValueError:
+            continue
+        if addr.is_loopback or addr.is_unspecified:
+            continue
+        if "::" not in s and s.count(":") != 7:
+            continue
+        yield m.start(), m.end(), "IPV6"
+
+
+def _ipv4_ok(text: str, m: re.Match[str]) -> bool:
+    octets = [int(x) for x in m.group(0).split(".")]
+    before = text[max(0, m.start() - 24):m.start()]
+    if _VERSION_CONTEXT.search(before) or octets == [0, 0, 0, 0]:
+        return False
+    # 1.2.3.4, 2.4.1.0: small numbers everywhere read as a version unless the text says "IP"
+    return not all(o < 10 for o in octets) or bool(_IP_CONTEXT.search(before))
+
+
+def _card_ok(text: str, m: re.Match[str]) -> bool:
+    s = m.group(0)
+    digits = s.replace(" ", "").replace("-", "")
+    if len({c for c in s if c in " -"}) > 1 or len(set(digits)) < 2:
+        return False
+    if not (luhn_ok(digits) and _card_issuer(digits)):
+        return False
+    before = text[max(0, m.start() - 32):m.start()]
+    return not _NUMBER_CONTEXT.search(before) or bool(_CARD_CONTEXT.search(before))
+
+
+def _phone_ok(text: str, m: re.Match[str], labelled: bool) -> bool:
+    digits = sum(c.isdigit() for c in m.group(0))
+    if not 7 <= digits <= 15:
+        return False
+    before = text[max(0, m.start() - 32):m.start()]
+    if labelled:
+        return bool(_PHONE_LABEL.search(before))
+    return not (_NUMBER_CONTEXT.search(before) or _VERSION_CONTEXT.search(before))
+
+
+def _find_numbers(text: str) -> Iterator[Span]:
+    """IPv4 addresses, card numbers and phone numbers inside runs of digits."""
+    for run in _DIGIT_RUN.finditer(text):
+        a, b = max(0, run.start() - 1), min(len(text), run.end() + 2)
+        chunk = run.group(0)
+        if chunk.count(".") >= 3:
+            for m in _IPV4.finditer(text, a, b):
+                if _ipv4_ok(text, m):
+                    yield m.start(), m.end(), "IPV4"
+        ndigits = sum(c.isdigit() for c in chunk)
+        if ndigits >= 12:
+            for m in _CARD.finditer(text, a, b):
+                if _card_ok(text, m):
+                    yield m.start(), m.end(), "CARD_NUMBER"
+        if ndigits >= 7:
+            for m in _PHONE.finditer(text, a, b):
+                if _phone_ok(text, m, False):
+                    yield m.start(), m.end(), "PHONE"
+            for m in _PHONE_LABELLED.finditer(text, a, b):
+                if _phone_ok(text, m, True):
+                    yield m.start(), m.end(), "PHONE"
+
+
+_PRIORITY = {kind: i for i, kind in enumerate(KINDS)}
+_KEYWORD_NEEDLES = ("ass", "ASS", "wd", "WD", "ecret", "ECRET", "oken", "OKEN", "ey", "EY", "earer",
+                    "EARER", "uthoriz", "UTHORIZ")
+
+
+class Scrubber:
+    """Finds and replaces personal data and secrets; ``scrub`` returns the new text and hits."""
+
+    def __init__(self, kinds: tuple[str, ...] = KINDS):
+        self.kinds = set(kinds)
+
+    def find(self, text: str) -> list[Span]:
+        """Non-overlapping spans of personal data and secrets, in text order."""
+        spans: list[Span] = []
+        spans += _find_private_keys(text)
+        spans += _find_url_passwords(text)
+        spans += _find_tokens(text)
+        if any(n in text for n in _KEYWORD_NEEDLES):
+            low = text.lower()
+            spans += _find_assignments(text, low)
+            spans += _find_auth(text, low)
+        if "@" in text:
+            spans += _find_emails(text)
+        if "::" in text or text.count(":") >= 7:
+            spans += _find_ipv6(text)
+        spans += _find_numbers(text)
+        if not spans:
+            return spans
+        spans.sort(key=lambda s: (_PRIORITY[s[2]], s[0]))
+        taken: list[Span] = []
+        for s in spans:
+            if s[2] in self.kinds and all(s[1] <= t[0] or s[0] >= t[1] for t in taken):
+                taken.append(s)
+        taken.sort()
+        return taken
+
+    def scrub(self, text: str) -> tuple[str, list[Hit]]:
+        spans = self.find(text)
+        if not spans:
+            return text, []
+        parts: list[str] = []
+        hits: list[Hit] = []
+        last = 0
+        for start, end, kind in spans:
+            parts.append(text[last:start])
+            parts.append(PLACEHOLDER.format(kind))
+            hits.append(Hit(kind, text[start:end], start, end))
+            last = end
+        parts.append(text[last:])
+        return "".join(parts), hits
+
+
+
+def mask(value: str, kind: str) -> str:
+    """A shown-but-safe form of a found value, for reports."""
+    if kind == "PRIVATE_KEY":
+        head = value.split("-----")[1] if value.count("-----") >= 2 else "PRIVATE KEY"
+        return f"-----{head}----- [{len(value)} chars]"
+    if kind == "EMAIL":
+        local, _, domain = value.partition("@")
+        name, _, tld = domain.rpartition(".")
+        return f"{local[:1]}***@{name[:1]}***.{tld}"
+    if kind == "CARD_NUMBER":
+        digits = [c for c in value if c.isdigit()]
+        return "*" * (len(digits) - 4) + "".join(digits[-4:])
+    if kind == "PHONE":
+        return "".join("*" if c.isdigit() else c for c in value[:-2]) + value[-2:]
+    if kind in ("IPV4", "IPV6"):
+        sep = "." if kind == "IPV4" else ":"
+        parts = value.split(sep)
+        return sep.join(parts[:1] + ["*" * min(len(p), 3) if p else p for p in parts[1:]])
+    if kind == "PASSWORD":
+        return "*" * min(len(value), 8)
+    keep = 4 if len(value) >= 16 else 1
+    return value[:keep] + "*" * min(max(len(value) - keep - 2, 3), 12) + value[-2:]
