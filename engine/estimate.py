@@ -276,8 +276,7 @@ def _activations(shape: ModelShape, s: TrainSetup, loss_impl: str, tokens: int) 
             probs = w * a * seq  # softmax output
             if attn_drop:
                 probs += (mask_b + w) * a * seq
-            # merged heads (a contiguous copy); HF's eager path also keeps contiguous q and k^T
-            core += probs + w * h * (1 if math_sdpa and s.attn_implementation != "eager" else 3)
+            core += probs + w * h  # merged heads: a contiguous copy
         else:
             core += w * h + 4 * a  # output + logsumexp
     else:
@@ -455,7 +454,7 @@ def estimate_training(shape: ModelShape, setup: TrainSetup,
         part = weight_bytes / d + small * w * (1 - 1 / d)
         if offload_par:
             if s.offload_param == "cpu":
-                host["offloaded weights (fp16/bf16 partition)"] = _pinned(weight_bytes / d, pin)
+                host["offloaded weights (16-bit partition)"] = _pinned(weight_bytes / d, pin)
             else:
                 nvme_rank += int(weight_bytes / d)
                 host["NVMe parameter swap buffers"] = _pinned(
@@ -470,9 +469,9 @@ def estimate_training(shape: ModelShape, setup: TrainSetup,
         persistent["reference model weights (DPO)"] = int(ref)
 
     # --- optimizer states
-    master = 4 * Nt if (stage > 0 or w < 4) else 0
-    part_n = Nt / d if stage > 0 else Nt
-    master = 4 * part_n if master else 0
+    part_n = Nt / d if stage > 0 else Nt  # trainable parameters whose states this rank holds
+    # Stage 0 keeps an fp32 master copy only under bf16/fp16; the ZeRO optimizer always does.
+    master = 4 * part_n if (stage > 0 or w < 4) else 0
     moments = 8 * part_n
     if offload_opt:
         if s.offload_optimizer == "cpu":

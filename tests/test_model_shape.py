@@ -107,9 +107,9 @@ def test_load_by_path_hub_id_and_catalog(tmp_path):
 
 
 def test_unknown_names_fail_clearly(tmp_path):
-    with pytest.raises(ModelShapeError, match="Did you mean 'llama-3.1-8b'"):
+    with pytest.raises(ModelShapeError, match=r"Did you mean 'llama-3\.1-8b'"):
         load_model_shape("llama-3.1-8")
-    with pytest.raises(ModelShapeError, match="no config.json"):
+    with pytest.raises(ModelShapeError, match=r"no config\.json"):
         load_model_shape(str(tmp_path))
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
@@ -120,7 +120,7 @@ def test_unknown_names_fail_clearly(tmp_path):
 def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    with pytest.raises(ModelShapeError, match="could not fetch config.json"):
+    with pytest.raises(ModelShapeError, match=r"could not fetch config\.json"):
         load_model_shape("nobody-here/no-such-model-zt")
 
 
