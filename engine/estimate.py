@@ -867,11 +867,40 @@ def estimate_profile(profile: Any, placement: Any = None) -> dict[str, Any]:
     """The training estimate of a profile as a dict (``gpu_peak_bytes`` per device,
     ``host_bytes`` per node, ``nvme_bytes``, the terms), plus ``inference`` when the profile
     generates. Accepts a ``Profile`` or a ``LoadedProfile``."""
-    shape = shape_from_profile(profile)
-    setup = setup_from_profile(profile, placement)
+    lp = _loaded(profile)
+    shape = shape_from_profile(lp)
+    setup = setup_from_profile(lp, placement)
     est = estimate_training(shape, setup)
     out = est.to_dict()
     out["model_shape"] = shape.to_dict()
+    # Whether it fits, when the capacity is declared in the profile or visible here.
+    res = lp.profile.resources
+    gpu_cap = host_cap = None
+    if setup.device == "gpu":
+        if res.gpu_memory_gb != "auto":
+            gpu_cap = int(float(res.gpu_memory_gb) * GiB)
+        else:
+            from engine.hardware import local_gpus
+
+            gpus = local_gpus()
+            gpu_cap = min(gpus.memory_bytes) if gpus.count else None
+    if res.host_memory_gb != "auto":
+        host_cap = int(float(res.host_memory_gb) * GiB)
+    elif res.num_nodes == 1:
+        from engine.hardware import host_memory_bytes
+
+        host_cap = host_memory_bytes()
+    out["gpu_capacity_bytes"] = gpu_cap
+    out["host_capacity_bytes"] = host_cap
+    problems = []
+    if gpu_cap is not None and est.gpu_peak_bytes > gpu_cap:
+        problems.append(f"needs {est.gpu_peak_bytes / GiB:.1f} GiB per GPU, "
+                        f"has {gpu_cap / GiB:.1f}")
+    if host_cap is not None and est.host_bytes > host_cap:
+        problems.append(f"needs {est.host_bytes / GiB:.1f} GiB of host RAM per node, "
+                        f"has {host_cap / GiB:.1f}")
+    out["fits"] = None if gpu_cap is None and host_cap is None else not problems
+    out["fit_problems"] = problems
     inf = inference_setup_from_profile(profile, placement)
     if inf is not None:
         out["inference"] = estimate_inference(shape, inf).to_dict()

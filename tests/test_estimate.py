@@ -309,6 +309,16 @@ def test_estimate_profile_of_a_scratch_model(tmp_path):
     shape = shape_from_config({**lp.profile.model.config, "vocab_size": 2048})
     assert d["params"] == count_params(shape).total
     assert estimate_profile(lp.profile)["gpu_peak_bytes"] == d["gpu_peak_bytes"]
+    assert d["fits"] is True and d["fit_problems"] == []  # this machine's RAM is enough
+
+
+def test_estimate_profile_says_when_it_does_not_fit(tmp_path):
+    from engine.profile import load_profile
+
+    path = _profile(tmp_path, resources={"device": "gpu", "gpus_per_node": 1,
+                                         "gpu_memory_gb": 0.1, "host_memory_gb": 512})
+    d = estimate_profile(load_profile(path, check_data=False, check_model=False))
+    assert d["fits"] is False and "per GPU" in d["fit_problems"][0]
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
