@@ -53,7 +53,7 @@ class ZerotuneApp(App[int]):
         return HomeScreen(self.workspace)
 
     def _make_wizard(self) -> Screen:
-        from tui.screens.wizard import WizardScreen
+        from tui.screens.wizard.screen import WizardScreen
 
         draft, self._next_draft = self._next_draft, None
         self.wizard = WizardScreen(self.workspace, draft)
@@ -170,7 +170,7 @@ class ZerotuneApp(App[int]):
             w = self.wizard
             yield SystemCommand("Next step", "Check this step and go on", w.action_next)
             yield SystemCommand("Previous step", "Go back (answers are kept)", w.action_back)
-            from tui.screens.wizard import STEPS
+            from tui.screens.wizard.screen import STEPS
 
             for i, step in enumerate(STEPS):
                 yield SystemCommand(f"Go to step {i + 1}: {step.title}", step.summary,

@@ -13,7 +13,15 @@ from tui.screens.wizard.draft import Draft
 from tui.widgets.wizard_field import Field
 
 if TYPE_CHECKING:
-    from tui.screens.wizard import WizardScreen
+    from tui.screens.wizard.screen import WizardScreen
+
+
+def show(widget: Static, content: object) -> None:
+    """Update a Static only when its content changes (an update re-lays the screen out)."""
+    if getattr(widget, "_shown_content", None) == content:
+        return
+    widget._shown_content = content  # type: ignore[attr-defined]
+    widget.update(content)  # type: ignore[arg-type]
 
 
 def matches(problem_path: str, field_path: str) -> bool:
@@ -99,9 +107,10 @@ class WizardStep(Vertical):
         rest = [p for i, p in enumerate(self.problems) if i not in shown]
         box = self.query("#step-problems")
         if box:
+            visible = self.show_all or bool(self.draft.touched)
             text = "\n".join(f"{p.path or 'profile'}: {p.message}" for p in rest)
-            box.first(Static).update(text if (self.show_all or self.draft.touched) else "")
-            box.first(Static).display = bool(text) and (self.show_all or bool(self.draft.touched))
+            show(box.first(Static), text if visible else "")
+            box.first(Static).display = bool(text) and visible
         return self.problems
 
     async def check(self) -> bool:

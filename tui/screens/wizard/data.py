@@ -28,10 +28,11 @@ from engine.data_formats import (
     missing_columns_message,
 )
 from engine.profile import Problem
-from tui.screens.wizard.base import StepScroll, WizardStep, problems_box
+from tui.screens.wizard.base import StepScroll, WizardStep, problems_box, show
 from tui.widgets.wizard_field import Field, choices
 
 PREVIEW_ROWS = 5
+PREVIEW_DELAY = 0.25  # seconds of no typing before a typed path is read
 FORMAT_LABELS = {"auto": "auto (detect)", "text": "text", "prompt_completion": "prompt/completion",
                  "messages": "messages (chat)", "preference": "preference"}
 # The method a data shape suggests when the user has not chosen one.
@@ -259,6 +260,8 @@ class DataStep(WizardStep):
         self.report: DataReport | None = None
         self._report_worker = None
         self._report_key: tuple | None = None
+        self._preview_timer = None
+        self._preview_w = None
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="data-main"):
@@ -310,12 +313,19 @@ class DataStep(WizardStep):
 
     def after_edit(self, path: str) -> None:
         if path == "data.train":
-            p = self.train_path()
-            if p is not None:
-                self.start_preview(p)
+            # A path being typed: read it once the typing pauses, not at every key.
+            if self._preview_timer is not None:
+                self._preview_timer.stop()
+            self._preview_timer = self.set_timer(PREVIEW_DELAY, self._typed_path)
         elif path in ("data.format", "data.max_seq_len", "data.columns"):
             self.update_detected()
             self.start_report()
+
+    def _typed_path(self) -> None:
+        self._preview_timer = None
+        p = self.train_path()
+        if p is not None:
+            self.start_preview(p)
 
     @on(DirectoryTree.FileSelected, "#data-tree")
     def _file_selected(self, event: DirectoryTree.FileSelected) -> None:
@@ -344,21 +354,25 @@ class DataStep(WizardStep):
     def start_preview(self, path: Path) -> None:
         self.preview = None
         self.report = None
-        self.query_one("#data-report", Static).update("reading ...")
-        self._preview_worker(path)
+        show(self.query_one("#data-report", Static), "reading ...")
+        self._preview_w = self._preview_worker(path)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="data-preview")
-    def _preview_worker(self, path: Path) -> None:
+    def _preview_worker(self, path: Path) -> Preview:
         preview = read_preview(path)
         if not get_current_worker().is_cancelled:
             self.post_message(DataPreviewed(preview))
+        return preview
 
     @on(DataPreviewed)
     def _previewed(self, event: DataPreviewed) -> None:
-        if event.preview.path != self.train_path():
-            return  # an older pick
-        self.preview = event.preview
-        self.wizard.data_columns = set(event.preview.columns) if not event.preview.error else None
+        self.apply_preview(event.preview)
+
+    def apply_preview(self, preview: Preview) -> None:
+        if preview.path != self.train_path() or preview is self.preview:
+            return  # an older pick, or already shown
+        self.preview = preview
+        self.wizard.data_columns = set(preview.columns) if not preview.error else None
         self.maybe_follow_method()
         self.show_preview()
         self.update_detected()
@@ -413,11 +427,11 @@ class DataStep(WizardStep):
         pv = self.preview
         label = self.query_one("#data-detected", Static)
         if pv is None:
-            label.update("")
+            show(label, "")
             self.build_mapping(None)
             return
         if pv.error:
-            label.update("")  # the field under which it belongs says what is wrong
+            show(label, "")  # the field under which it belongs says what is wrong
             self.build_mapping(None)
             return
         fmt = self.resolved_format()
@@ -437,7 +451,7 @@ class DataStep(WizardStep):
         else:
             text.append("not recognised", style="red")
             text.append(f"; {method} needs {' or '.join(METHOD_FORMATS[method])}: map columns below")
-        label.update(text)
+        show(label, text)
         self.build_mapping(fmt or METHOD_FORMATS[method][0])
 
     def build_mapping(self, fmt: str | None) -> None:
@@ -509,13 +523,13 @@ class DataStep(WizardStep):
         key = self.report_key()
         if key is None:
             if self.preview is not None and self.preview.error:
-                self.query_one("#data-report", Static).update("")
+                show(self.query_one("#data-report", Static), "")
             return
         if key == self._report_key:
             return
         self._report_key = key
         self.report = None
-        self.query_one("#data-report", Static).update("counting rows ...")
+        show(self.query_one("#data-report", Static), "counting rows ...")
         self._report_worker = self._run_report(key)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="data-report")
@@ -538,7 +552,7 @@ class DataStep(WizardStep):
         self.report = report
         out = self.query_one("#data-report", Static)
         if report.error:
-            out.update(Text(report.error, style="red"))
+            show(out, Text(report.error, style="red"))
         else:
             t = Text()
             t.append(f"{report.rows:,} rows", style="bold")
@@ -555,10 +569,21 @@ class DataStep(WizardStep):
             if report.bad:
                 t.append(f"\n{report.bad} bad row(s)", style="red")
                 t.append(f"; first: {report.first_bad}")
-            out.update(t)
+            show(out, t)
         self.refresh_errors()
 
     async def prepare_check(self) -> None:
+        if self._preview_timer is not None:  # Next right after typing a path
+            self._preview_timer.stop()
+            self._typed_path()
+        pw = self._preview_w
+        if pw is not None:
+            try:
+                await pw.wait()
+            except Exception:  # cancelled by a newer pick, or failed: nothing to apply
+                pass
+            if pw.result is not None:
+                self.apply_preview(pw.result)
         key = self.report_key()
         if key is None:
             return
@@ -566,7 +591,10 @@ class DataStep(WizardStep):
             self.start_report()
         worker = self._report_worker
         if worker is not None and (self.report is None or self.report.key != key):
-            await worker.wait()
+            try:
+                await worker.wait()
+            except Exception:  # cancelled by a newer change: its result is not this key's
+                return
             if worker.result is not None and worker.result.key == key:
                 self.set_report(worker.result)
 
@@ -594,7 +622,15 @@ class DataStep(WizardStep):
         rep = self.report
         if rep is not None and rep.key == self.report_key():
             if rep.error:
-                out.append(Problem("data.train", rep.error))
+                hint = ""
+                found = detect_format(set(pv.columns))
+                if found and found not in METHOD_FORMATS[method]:
+                    hint = (f" (the file holds {found} data, which suits "
+                            f"{METHOD_FOR_FORMAT[found]}: change the method in step 3 and the "
+                            "format here, or map the columns)")
+                elif fmt not in METHOD_FORMATS[method]:
+                    hint = " (or change the method in step 3)"
+                out.append(Problem("data.train", rep.error + hint))
             elif rep.bad and self.draft.value("data.on_bad_rows") == "fail":
                 out.append(Problem("data.on_bad_rows",
                                    f"{rep.bad} bad row(s), first: {rep.first_bad}; fix them or "

@@ -10,7 +10,7 @@ from textual.widgets import Label, RadioButton, RadioSet, Select, Static
 
 from engine.model_shape import CATALOG_HUB_IDS, catalog_names
 from engine.profile import Problem, model_location
-from tui.screens.wizard.base import StepScroll, WizardStep, problems_box, set_radio
+from tui.screens.wizard.base import StepScroll, WizardStep, problems_box, set_radio, show
 from tui.widgets.wizard_field import Field, choices
 
 SOURCES = {
@@ -154,11 +154,12 @@ class ModelStep(WizardStep):
         out = self.query_one("#model-shape", Static)
         w = self.wizard
         if w.shape_pending:
-            out.update("reading the model's config ...")
+            if getattr(out, "_shown_content", None) is None:  # else keep the last shape shown
+                show(out, "reading the model's config ...")
         elif w.shape_error:
-            out.update(f"[red]{w.shape_error}[/]")
+            show(out, f"[red]{w.shape_error}[/]")
         elif w.shape is None:
-            out.update("[dim]choose a model to see its shape[/]")
+            show(out, "[dim]choose a model to see its shape[/]")
         else:
             s, pc = w.shape, w.param_count
             lines = [
@@ -170,7 +171,7 @@ class ModelStep(WizardStep):
                 f"context length {s.max_position_embeddings:,}, vocabulary {s.vocab_size:,}, "
                 f"stored as {s.torch_dtype}",
             ]
-            out.update("\n".join(lines))
+            show(out, "\n".join(lines))
 
     def extra_problems(self) -> list[Problem]:
         d = self.draft

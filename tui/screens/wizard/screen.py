@@ -1,4 +1,4 @@
-"""The wizard: one step per page (data, model, method, memory, inference, training, review),
+"""The wizard screen: one step per page (data, model, method, memory, inference, training, review),
 a step indicator, Back/Next that keep every answer in one shared draft, and inline errors that
 block Next. What the steps share and is slow to learn (the model's shape, this machine's
 hardware) is loaded here, in workers."""
@@ -20,7 +20,7 @@ from textual.widget import Widget
 from textual.widgets import Button, ContentSwitcher, Footer, Static
 from textual.worker import get_current_worker
 
-from tui.screens.wizard.base import WizardStep
+from tui.screens.wizard.base import WizardStep, show
 from tui.screens.wizard.data import DataStep
 from tui.screens.wizard.draft import Draft
 from tui.screens.wizard.inference import InferenceStep
@@ -155,8 +155,8 @@ class WizardScreen(Screen):
             where = f"new profile {name}"
         else:
             where = f"{name}" + (" (modified)" if d.changed else "")
-        self.query_one("#wizard-title", Static).update(
-            f"[b]{self.index + 1}/{len(STEPS)} {step.title}[/b]  {step.summary}  [dim]{where}[/]")
+        show(self.query_one("#wizard-title", Static),
+             f"[b]{self.index + 1}/{len(STEPS)} {step.title}[/b]  {step.summary}  [dim]{where}[/]")
 
     # --- navigation ---------------------------------------------------------------------------
 
@@ -185,8 +185,7 @@ class WizardScreen(Screen):
         indicator = self.query_one(StepIndicator)
         indicator.mark(self.index, done=ok, failed=not ok)
         if not ok:
-            self.query_one("#wizard-help", Static).update(
-                "[b red]Fix the marked fields to go on.[/]")
+            show(self.query_one("#wizard-help", Static), "[b red]Fix the marked fields to go on.[/]")
             return
         if self.index < len(STEPS) - 1:
             self.show_step(self.index + 1)
@@ -236,9 +235,9 @@ class WizardScreen(Screen):
             node = node.parent if isinstance(node.parent, Widget) else None
         help_line = self.query_one("#wizard-help", Static)
         if isinstance(node, Field):
-            help_line.update(f"[dim]{node.help}[/]" if node.help else "")
+            show(help_line, f"[dim]{node.help}[/]" if node.help else "")
         else:
-            help_line.update("")
+            show(help_line, "")
 
     # --- the model's shape --------------------------------------------------------------------
 
