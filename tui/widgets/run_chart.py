@@ -12,6 +12,7 @@ from textual_plotext import PlotextPlot
 # 256-colour palette indices, distinct in 256-colour terminals; overlaid runs cycle through
 # them. plotext takes the index, Rich the style from series_style().
 SERIES_COLORS = (14, 208, 10, 13, 11, 12, 9, 15)
+MAX_POINTS = 1200  # per series
 
 
 def series_style(index: int) -> str:
@@ -56,6 +57,11 @@ class RunChart(PlotextPlot):
         for i, s in enumerate(series):
             pts = [(x, y) for x, y in zip(s.xs, s.ys, strict=False)
                    if x is not None and y is not None and y == y and abs(y) != float("inf")]
+            if len(pts) > MAX_POINTS:
+                # A terminal chart has a few hundred columns: plotting every step of a long
+                # run only costs time. Keep an even spread and the newest point.
+                stride = len(pts) / (MAX_POINTS - 1)
+                pts = [pts[int(i * stride)] for i in range(MAX_POINTS - 1)] + [pts[-1]]
             if pts:
                 clean.append(Series(s.label, [p[0] for p in pts], [p[1] for p in pts],
                                     s.color or SERIES_COLORS[i % len(SERIES_COLORS)], s.marker))
