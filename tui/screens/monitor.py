@@ -46,7 +46,8 @@ LOG_FIRST_BYTES = 64 * 1024  # how much of an existing log to show on opening
 LOG_MAX_LINES = 5000  # scrollback
 LOG_MAX_BYTES_PER_POLL = 256 * 1024  # a log growing faster is skipped ahead, said so
 CHART_METRICS = ("loss", "eval_loss", "lr", "tokens_per_s", "elapsed")
-EVENT_KINDS_SHOWN = ("start", "eval", "checkpoint", "warning", "stopped", "done", "error")
+EVENT_KINDS_SHOWN = ("start", "eval", "checkpoint", "warning", "stopped", "done", "error",
+                     "infer")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
@@ -229,11 +230,16 @@ def event_detail(ev: dict[str, Any]) -> str:
         return f"final loss {fmt_num(s.get('final_loss'))}, {s.get('steps', '?')} steps"
     if kind == "error":
         return f"{p.get('kind') or 'error'}: {p.get('reason') or ''}"
+    if kind == "infer":
+        return (f"{p.get('mode') or 'inference'}: {p.get('prompts', '?')} prompts, "
+                f"{fmt_num(p.get('tokens_per_s'))} tokens/s, p50 "
+                f"{fmt_num(p.get('latency_p50_s'))} s")
     return json.dumps(p, default=str)[:200]
 
 
 EVENT_STYLES = {"error": "bold red", "warning": "yellow", "stopped": "yellow",
-                "done": "green", "checkpoint": "cyan", "eval": "", "start": "dim"}
+                "done": "green", "checkpoint": "cyan", "eval": "", "start": "dim",
+                "infer": "magenta"}
 
 
 # --------------------------------------------------------------------------------------------
