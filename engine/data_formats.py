@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine.profile import LoadedProfile, Problem
+    from engine.problems import Problem
+    from engine.profile import LoadedProfile
 
 FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "text": ("text",),
@@ -663,7 +664,7 @@ def no_rows_error(name: str, errors: list[DataError]) -> DataError:
 
 def check_profile_data(lp: LoadedProfile) -> list[Problem]:
     """Problems with the profile's data files, for profile validation."""
-    from engine.profile import Problem
+    from engine.problems import Problem
 
     p = lp.profile
     problems: list[Problem] = []

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 EXAMPLES_PER_KIND = 3
+SHOWN_BAD = 5
 
 
 @dataclass
@@ -143,8 +144,10 @@ class DataReport:
         add(f"  rows: {self.rows_read:,} read, {self.rows_bad:,} malformed"
             + (f", {self.rows_out:,} kept" if self.mode == "prep" else "")
             + (f" in {self.seconds:.1f} s{rate}" if self.seconds else ""))
-        for e in self.bad_examples:
+        for e in self.bad_examples[:SHOWN_BAD]:
             add(f"    bad: {e}")
+        if self.rows_bad > SHOWN_BAD:
+            add(f"    ... and {self.rows_bad - SHOWN_BAD:,} more (--json lists up to {len(self.bad_examples)})")
         if self.mode == "prep" and self.steps:
             add("")
             add(f"  {'step':<12} {'removed':>9} {'changed':>9} {'cpu s':>7}")
