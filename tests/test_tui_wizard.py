@@ -51,8 +51,10 @@ def busy(app: ZerotuneApp) -> bool:
     if [w for w in app.workers if w.group != "_loader" and not w.is_finished]:
         return True
     wizard = app.wizard
-    return wizard is not None and wizard.is_mounted and \
-        wizard.step("data")._preview_timer is not None
+    if wizard is None or not wizard.is_mounted:
+        return False
+    data = wizard.step("data")
+    return data._preview_timer is not None or data._reveal_timer is not None
 
 
 async def settle(pilot, timeout: float = 60.0) -> None:
@@ -206,7 +208,7 @@ async def test_save_and_launch_runs_to_completion(workspace: Path) -> None:
         try:
             from tui.screens.monitor import MonitorScreen
         except ImportError:
-            MonitorScreen = None  # noqa: N806 - the monitor is built beside the wizard
+            MonitorScreen = None  # the monitor is built beside the wizard
         if MonitorScreen is not None:
             assert isinstance(app.screen, MonitorScreen)
         status = None

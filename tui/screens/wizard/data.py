@@ -262,11 +262,15 @@ class DataStep(WizardStep):
         self._report_key: tuple | None = None
         self._preview_timer = None
         self._preview_w = None
+        self._reveal_timer = None
+        self._reveal_parts: list[str] = []
+        self._reveal_tries = 0
 
     def compose(self) -> ComposeResult:
         with Horizontal(id="data-main"):
             tree = DataTree(self.app.workspace, id="data-tree")  # type: ignore[attr-defined]
             tree.show_root = True
+            tree.guide_depth = 2
             yield tree
             with StepScroll(id="data-side"):
                 yield Field("data.train", "Training data", wide=True, show_help=False,
@@ -281,11 +285,11 @@ class DataStep(WizardStep):
                 yield Field("data.on_bad_rows", "Bad rows", kind="select", show_help=False,
                             options=choices(["fail", "skip"]))
                 yield problems_box()
+                yield Label("Report", classes="section-title")
+                yield Static("pick a data file", id="data-report", classes="info")
                 yield Label("Preview (first rows)", classes="section-title")
                 yield DataTable(id="data-preview", cursor_type="none", zebra_stripes=True,
                                 show_cursor=False)
-                yield Label("Report", classes="section-title")
-                yield Static("pick a data file", id="data-report", classes="info")
 
     # --- loading and editing ------------------------------------------------------------------
 
@@ -296,8 +300,42 @@ class DataStep(WizardStep):
         path = self.train_path()
         if path is not None:
             self.start_preview(path)
+            self.reveal(path)
         else:
             self.show_preview()
+
+    # --- showing the chosen file in the tree --------------------------------------------------
+
+    def reveal(self, path: Path) -> None:
+        """Expand the tree down to ``path`` (folders load in the tree's own worker)."""
+        try:
+            parts = path.resolve().relative_to(self.app.workspace.resolve()).parts  # type: ignore[attr-defined]
+        except ValueError:
+            return  # outside the workspace: the field shows the path
+        self._reveal_parts = list(parts)
+        self._reveal_tries = 0
+        if self._reveal_timer is None:
+            self._reveal_timer = self.set_interval(0.05, self._reveal_step)
+
+    def _reveal_step(self) -> None:
+        tree = self.query_one("#data-tree", DataTree)
+        node = tree.root
+        self._reveal_tries += 1
+        for i, part in enumerate(self._reveal_parts):
+            child = next((c for c in node.children if c.data and c.data.path.name == part), None)
+            if child is None:
+                if self._reveal_tries > 60:  # not in the tree (hidden, filtered): give up
+                    break
+                return  # its folder is still loading
+            node = child
+            if i < len(self._reveal_parts) - 1 and not node.is_expanded:
+                node.expand()
+                return
+        else:
+            tree.move_cursor(node)
+            tree.scroll_to_node(node, animate=False)
+        self._reveal_timer.stop()
+        self._reveal_timer = None
 
     def on_enter(self) -> None:
         super().on_enter()
@@ -386,7 +424,8 @@ class DataStep(WizardStep):
         if pv is None or pv.error:
             return
         cols = pv.columns[:4]
-        width = max(12, 52 // max(1, len(cols)))
+        room = self.query_one("#data-side").size.width or 54
+        width = max(12, (room - 4) // max(1, len(cols)) - 2)
         for c in cols:
             table.add_column(c, key=c)
         for r in pv.rows:

@@ -198,7 +198,7 @@ class ReviewStep(WizardStep):
         self.query_one("#review-cmd", Static).update(cmd)
         out = Text()
         if not r.problems and not r.launch_problems:
-            out.append("No problems: the profile validates.", style="bold green")
+            out.append("No problems: the profile validates.\n", style="bold green")
         for p in r.problems:
             out.append(f"{p.path or 'profile'}: ", style="bold red")
             out.append(p.message + "\n")
