@@ -392,7 +392,7 @@ def time_estimates() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--full", action="store_true", help="run every case (about 20 minutes)")
+    ap.add_argument("--full", action="store_true", help="run every case (56, about 20 minutes)")
     ap.add_argument("--only", default="", help="run only cases whose label contains this")
     ap.add_argument("--steps", type=int, default=3, help="training steps per case")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
