@@ -1,0 +1,89 @@
+"""Evaluation after training: the metrics on hand-worked examples, then on tiny models."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine import evaluate as ev
+from tests.conftest import read_events, tiny_profile
+
+
+def test_exact_match_and_token_f1_by_hand() -> None:
+    # SQuAD normalisation: case, punctuation and articles do not count.
+    assert ev.normalize("The Cat, sat on a mat!") == "cat sat on mat"
+    assert ev.exact_match("The cat sat on the mat.", "the cat sat on the mat") == 1.0
+    assert ev.exact_match("hello world", "goodbye world") == 0.0
+    # common {world}: precision 1/2, recall 1/2 -> F1 1/2
+    assert ev.token_f1("hello world", "goodbye world") == 0.5
+    # pred {use, parameterized, queries} vs ref {always, use, parameterized, sql, queries}:
+    # 3 common; P = 3/3, R = 3/5 -> F1 = 2 * 1 * 0.6 / 1.6 = 0.75
+    assert ev.token_f1("use parameterized queries", "always use parameterized SQL queries") == pytest.approx(0.75)
+    assert ev.token_f1("", "") == 1.0 and ev.token_f1("x", "") == 0.0
+
+
+def test_rouge_l_and_bleu_by_hand() -> None:
+    # LCS("hello world", "goodbye world") = 1 token: P = R = 1/2 -> F = 1/2; identical -> 1.
+    assert ev.rouge_l(["hello world", "the cat sat"], ["goodbye world", "the cat sat"]) == pytest.approx(0.75)
+    # Same length (brevity penalty 1); n-gram precisions 4/5, 3/4, 2/3, 1/2:
+    # BLEU = 100 * (0.8 * 0.75 * 2/3 * 0.5) ** (1/4) = 100 * 0.2 ** 0.25 = 66.874
+    assert ev.bleu(["a b c d e"], ["a b c d f"]) == pytest.approx(100 * 0.2 ** 0.25, abs=1e-3)
+    assert ev.bleu(["the cat sat on the mat"], ["the cat sat on the mat"]) == pytest.approx(100.0)
+    m = ev.text_metrics(["The cat sat on the mat.", "hello world"], ["the cat sat on the mat", "goodbye world"])
+    assert m["exact_match"] == 0.5 and m["token_f1"] == 0.75
+    assert m["rouge_l"] == pytest.approx(0.75)
+
+
+def test_comparison_rows_have_deltas() -> None:
+    rows = ev.comparison({"perplexity": 10.0, "exact_match": 0.5}, {"perplexity": 40.0, "exact_match": 0.25})
+    by = {r["name"]: r for r in rows}
+    assert by["perplexity"]["delta"] == -30.0 and by["perplexity"]["higher_is_better"] is False
+    assert by["exact_match"]["delta"] == 0.25
+    assert ev.comparison({"bleu": 1.0}, None)[0]["base"] is None
+
+
+class _State:
+    def __init__(self) -> None:
+        self.global_step = 10
+        self.log_history = [{"eval_loss": 2.0, "step": 10}]
+
+
+class _Trainer:
+    def __init__(self) -> None:
+        self.state = _State()
+
+
+def test_a_trained_model_beats_its_untrained_start(tmp_path: Path) -> None:
+    """A tiny SFT run, then evaluate_after_training on it with the baseline: tuned vs base."""
+    from engine.events import EventWriter
+    from engine.train import load_run_profile, load_splits
+    from tests.test_train import check_completed_run, run_profile
+
+    profile = tiny_profile(tmp_path, "sft", data={"max_seq_len": 256}, data_rows=60,
+                           training={"max_steps": 12, "lr": 3.0e-3, "eval_every": 12, "save_every": 12,
+                                     "eval_max_rows": 4},
+                           inference={"max_new_tokens": 8}, evaluation={"baseline": True})
+    ws, r = run_profile(tmp_path, profile)
+    run, _ = check_completed_run(ws, r)
+    run_dir = Path(run["run_dir"])
+    p = load_run_profile(run_dir).profile
+    _, _, val, _ = load_splits(p)
+    events = EventWriter(run_dir / "events.jsonl")
+    out = ev.evaluate_after_training(_Trainer(), p, run_dir, val, events)
+    assert out["heldout_rows"] == len(val) == 4
+    assert out["heldout_perplexity"] < out["base_perplexity"]  # fine-tuning helped
+    for name in ev.TEXT_METRICS:
+        assert 0 <= out[name] <= (100 if name == "bleu" else 1)
+        assert f"base_{name}" in out
+    assert out["eval_loss"] == 2.0  # the trainer's last eval loss, repeated
+    table = {row["name"]: row for row in out["evaluation"]}
+    assert table["perplexity"]["delta"] == pytest.approx(out["heldout_perplexity"] - out["base_perplexity"])
+    last = read_events(run_dir)[-1]
+    assert last["event"] == "eval" and last["stage"] == "evaluation"
+    assert math.isfinite(last["heldout_perplexity"])
+    json.dumps(last)
+    assert yaml.safe_load((run_dir / "profile.yaml").read_text())["evaluation"]["baseline"] is True
