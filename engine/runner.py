@@ -192,6 +192,9 @@ def prepare_run(
     (run_dir / "command.txt").write_text(cmd.shell() + "\n")
     (run_dir / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     estimate = _estimate(lp, placement)
+    if estimate and estimate.get("fits") is False:
+        for problem in estimate.get("fit_problems") or ["the memory estimate says this will not fit"]:
+            warnings.append(f"memory: {problem} (zerotune estimate {lp.source or 'PROFILE'} for the breakdown)")
     launch = {
         "run_id": run_id,
         "name": lp.profile.name,
@@ -225,7 +228,7 @@ def _estimate(lp: LoadedProfile, placement: Placement) -> dict[str, Any] | None:
     except ImportError:
         return None
     try:
-        return estimate_profile(lp.profile)
+        return estimate_profile(lp, placement)
     except Exception as exc:  # the estimate is advice; it never blocks a launch
         print(f"warning: no memory estimate: {exc}", file=sys.stderr)
         return None

@@ -274,3 +274,17 @@ def test_cpt_without_packing_pads_and_learns_to_end_documents(tmp_path: Path) ->
     losses = eval_losses(events)
     assert losses[-1] < losses[0]
     assert events[0]["train_rows"] == 108
+
+
+def test_run_warns_before_launch_when_the_estimate_says_it_will_not_fit(tmp_path: Path) -> None:
+    """The warning comes before anything starts, and the estimate is kept for the history."""
+    from engine.profile import load_profile
+    from engine.runner import prepare_run
+
+    profile = tiny_profile(tmp_path, "cpt")
+    tight = prepare_run(load_profile(profile, ["resources.host_memory_gb=0.01"]), tmp_path / "runs")
+    assert any(w.startswith("memory: needs") and "host RAM" in w for w in tight.warnings), tight.warnings
+    roomy = prepare_run(load_profile(profile), tmp_path / "runs")
+    assert not any(w.startswith("memory:") for w in roomy.warnings)
+    launch = json.loads((roomy.run_dir / "launch.json").read_text())
+    assert launch["estimate"]["gpu_peak_bytes"] > 0 and launch["estimate"]["fits"] is True
