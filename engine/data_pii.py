@@ -172,7 +172,10 @@ def _find_url_passwords(text: str) -> Iterator[Span]:
 
 
 def _find_tokens(text: str) -> Iterator[Span]:
+    underscore = "_" in text  # prose rarely has one: skip the prefixes that contain it
     for kind, prefix, pattern, classes in _TOKENS:
+        if not underscore and "_" in prefix:
+            continue
         if len(prefix) <= 2:  # a short common prefix: let the expression scan (it starts with it)
             matches = pattern.finditer(text)
         else:
@@ -338,8 +341,7 @@ def _find_numbers(text: str) -> Iterator[Span]:
 
 
 _PRIORITY = {kind: i for i, kind in enumerate(KINDS)}
-_KEYWORD_NEEDLES = ("ass", "ASS", "wd", "WD", "ecret", "ECRET", "oken", "OKEN", "ey", "EY", "earer",
-                    "EARER", "uthoriz", "UTHORIZ")
+_KEYWORDS = ("passw", "pwd", "secret", "token", "key", "bearer", "authoriz")
 
 
 class Scrubber:
@@ -354,8 +356,8 @@ class Scrubber:
         spans += _find_private_keys(text)
         spans += _find_url_passwords(text)
         spans += _find_tokens(text)
-        if any(n in text for n in _KEYWORD_NEEDLES):
-            low = text.lower()
+        low = text.lower()
+        if any(n in low for n in _KEYWORDS):
             spans += _find_assignments(text, low)
             spans += _find_auth(text, low)
         if "@" in text:

@@ -243,6 +243,7 @@ def cache_root(workspace: str | Path) -> Path:
 # Row steps (pure functions, run in the workers)
 # --------------------------------------------------------------------------------------------
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\r]")
 _FIX_ASCII = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r\n?|[ \t]+(?=\n)|\n{3,}")
 _UNICODE_FIXES = {**dict.fromkeys(map(ord, "\u200b\u2060\ufeff\u00ad"), None),
                   **dict.fromkeys(map(ord, "\u00a0\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007"
@@ -259,16 +260,22 @@ def _fix(m: re.Match[str]) -> str:
     return ""
 
 
+_UNICODE_SPECIAL = re.compile("[" + "".join(chr(c) for c in _UNICODE_FIXES) + "]")
+
+
 def normalize_text(text: str) -> str:
     """NFC, no zero-width or control characters, \\n line ends, no trailing spaces, at most one
     blank line in a row, no leading or trailing whitespace."""
     if not text.isascii():
         if not unicodedata.is_normalized("NFC", text):
             text = unicodedata.normalize("NFC", text)
-        text = text.translate(_UNICODE_FIXES)
-    text = _FIX_ASCII.sub(_fix, text)
-    if "\r" in text or " \n" in text:  # "\r \n" and friends: a second pass settles them
+        if _UNICODE_SPECIAL.search(text):  # translate() is slow on non-ASCII text: only if needed
+            text = text.translate(_UNICODE_FIXES)
+    # substring tests first: the substitution scans slowly and most text needs none
+    if _CONTROL.search(text) or " \n" in text or "\t\n" in text or "\n\n\n" in text:
         text = _FIX_ASCII.sub(_fix, text)
+        if "\r" in text or " \n" in text:  # "\r \n" and friends: a second pass settles them
+            text = _FIX_ASCII.sub(_fix, text)
     return text.strip()
 
 
@@ -283,8 +290,8 @@ class _Sketcher:
         from datasketch import MinHash
 
         self.np = np
-        self.MinHash = MinHash
-        self.perms = MinHash(num_perm=NUM_PERM, seed=1, scheme="affine32").permutations
+        # one sketch, cleared for each row; int() passes our 32-bit shingle hashes through
+        self.sketch = MinHash(num_perm=NUM_PERM, seed=1, hashfunc=int, scheme="affine32")
         self.bands, self.rows = bands, rows
         rng = np.random.RandomState(7)
         self.mult = (rng.randint(1, 1 << 62, size=rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
@@ -298,15 +305,12 @@ class _Sketcher:
         h = np.fromiter(map(zlib.crc32, words), dtype=np.uint32, count=len(words))
         if len(h) >= 3:
             h = (h[:-2] * np.uint32(_K1)) ^ (h[1:-1] * np.uint32(_K2)) ^ h[2:]
-        m = self.MinHash(num_perm=NUM_PERM, hashfunc=_identity, permutations=self.perms, scheme="affine32")
+        m = self.sketch
+        m.clear()
         m.update_batch(h.tolist())
         hv = m.hashvalues[: self.bands * self.rows].astype(np.uint64).reshape(self.bands, self.rows)
         keys = (hv * self.mult).sum(axis=1, dtype=np.uint64) + self.band_salt
         return keys.tolist()
-
-
-def _identity(x: int) -> int:
-    return x
 
 
 def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
@@ -405,8 +409,14 @@ class RowProcessor:
         self.scrubber = Scrubber()
         self.detect_pii = ctx.get("detect_pii", True)
         self.mask = mask
-        phrases = [re.escape(p) for p in self.s.blocklist]
-        self.block = re.compile(r"(?i)(?<!\w)(?:" + "|".join(phrases) + r")(?!\w)") if phrases else None
+        self.phrases = [p.lower() for p in self.s.blocklist]
+        alternatives = "|".join(re.escape(p) for p in self.phrases)
+        self.block = re.compile(r"(?<!\w)(?:" + alternatives + r")(?!\w)") if self.phrases else None
+
+    def _blocked(self, low: str) -> bool:
+        if len(self.phrases) <= 32 and not any(p in low for p in self.phrases):
+            return False  # substring tests are much faster than the expression; it confirms
+        return self.block.search(low) is not None
 
     def process(self, rows: Iterator[tuple[str, int, dict[str, Any]]], result: ChunkResult) -> None:
         s, fmt = self.s, self.fmt
@@ -449,7 +459,7 @@ class RowProcessor:
             t["near_dedup"] = t.get("near_dedup", 0.0) + (t4 - t3)
             pii: dict[str, Any] | None = None
             found: list = []
-            if self.detect_pii and any(self.scrubber.find(x) for x in texts):
+            if self.detect_pii and self.scrubber.find(joined):
                 def scrub(x: str, found: list = found) -> str:
                     out, hits = self.scrubber.scrub(x)
                     found.extend(hits)
@@ -465,7 +475,7 @@ class RowProcessor:
                     joined = "\n".join(row_texts(shaped))
             t5 = clock()
             t["pii"] = t.get("pii", 0.0) + (t5 - t4)
-            blocked = bool(self.block and self.block.search(joined))
+            blocked = bool(self.block and self._blocked(joined.lower()))
             t6 = clock()
             t["blocklist"] = t.get("blocklist", 0.0) + (t6 - t5)
             pending.append([line, name, chars, None, h, bands, label, pii, blocked,
