@@ -8,6 +8,7 @@ Exit codes: 0 ok, 1 the operation failed, 2 bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -300,7 +301,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     interactive = sys.stdin.isatty()
     _err(f"loading the model of {run_dir.name}...")
-    model, tok, src = load_run_model(run_dir, training_dtype(run_dir), checkpoint=args.checkpoint)
+    with contextlib.redirect_stdout(sys.stderr):  # library logs (DeepSpeed's) stay off stdout
+        model, tok, _ = load_run_model(run_dir, training_dtype(run_dir), checkpoint=args.checkpoint)
     settings = ChatSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, system=args.system,
                             max_context=getattr(model.config, "max_position_embeddings", None))
@@ -318,8 +320,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = args.out or (run_dir / "export")
     t0 = time.time()
     try:
-        info = export_model(run_dir, out, merge_lora=args.merge_lora, dtype=args.dtype,
-                            checkpoint=args.checkpoint)
+        with contextlib.redirect_stdout(sys.stderr):  # library logs (DeepSpeed's) stay off stdout
+            info = export_model(run_dir, out, merge_lora=args.merge_lora, dtype=args.dtype,
+                                checkpoint=args.checkpoint)
     except ExportError as exc:
         raise InferCliError(str(exc)) from None
     if info.get("note"):
