@@ -173,7 +173,8 @@ def parse_json_line(raw: bytes, name: str, n: int) -> dict[str, Any]:
         msg = exc.msg.removesuffix(" at")
         raise DataError(name, n, f"not valid JSON: {msg} at column {exc.colno}{hint}") from None
     if not isinstance(obj, dict):
-        raise DataError(name, n, f"expected a JSON object per line, got {_json_kind(obj)}")
+        hint = " (a JSON array belongs in a .json file)" if isinstance(obj, list) and n == 1 else ""
+        raise DataError(name, n, f"expected a JSON object per line, got {_json_kind(obj)}{hint}")
     return obj
 
 
