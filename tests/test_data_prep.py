@@ -1,0 +1,352 @@
+"""The data.prep pipeline: each step, its order, the split, the cache and the fingerprint; and
+PII scrubbing measured on a corpus of planted secrets and look-alike ordinary text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engine import data_prep
+from engine.data_formats import DataError
+from engine.data_pii import KINDS, Scrubber, mask
+from engine.data_prep import (
+    NearDupIndex,
+    PrepError,
+    PrepSettings,
+    fingerprint,
+    inspect,
+    normalize_text,
+    prep_fingerprint,
+    prepare,
+    prepared_splits,
+    split_indices,
+)
+from tests.conftest import PROFILES, write_jsonl
+
+PII = Path(__file__).parent / "fixtures" / "pii"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def words(n: int, seed: int) -> str:
+    import random
+
+    rnd = random.Random(seed)
+    vocab = [f"w{i}" for i in range(3000)]
+    return " ".join(rnd.choice(vocab) for _ in range(n))
+
+
+# --------------------------------------------------------------------------------------------
+# PII corpus: precision and recall
+# --------------------------------------------------------------------------------------------
+
+
+def test_pii_corpus_precision_and_recall(capsys: pytest.CaptureFixture[str]) -> None:
+    scrubber = Scrubber()
+    tp = fp = fn = 0
+    per_kind: dict[str, list[int]] = {k: [0, 0] for k in KINDS}  # found, planted
+    problems = []
+    for row in read_jsonl(PII / "planted.jsonl"):
+        text, planted = row["text"], [tuple(p) for p in row["planted"]]
+        out, hits = scrubber.scrub(text)
+        expected = text
+        for kind, value in planted:
+            expected = expected.replace(value, f"<{kind}>")
+            found = value not in out and any(h.kind == kind and value in h.value for h in hits)
+            per_kind[kind][1] += 1
+            per_kind[kind][0] += found
+            tp += found
+            fn += not found
+            if not found:
+                problems.append(f"missed {kind} {value!r} in {text!r}")
+        for h in hits:
+            if not any(h.value in v for _, v in planted):
+                fp += 1
+                problems.append(f"false {h.kind} {h.value!r} in {text!r}")
+        if out != expected:
+            problems.append(f"changed more than the planted values: {out!r}")
+    clean_rows = read_jsonl(PII / "clean.jsonl")
+    for row in clean_rows:
+        out, hits = scrubber.scrub(row["text"])
+        fp += len(hits)
+        problems += [f"false {h.kind} {h.value!r} in {row['text']!r}" for h in hits]
+        assert out == row["text"] or hits
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    with capsys.disabled():
+        print(f"\nPII corpus: {tp + fn} planted secrets of {len(KINDS)} kinds in "
+              f"{len(read_jsonl(PII / 'planted.jsonl'))} rows, {len(clean_rows)} rows of look-alike "
+              f"ordinary text: precision {precision:.3f}, recall {recall:.3f} (tp {tp}, fp {fp}, fn {fn})")
+        print("  " + ", ".join(f"{k} {f}/{n}" for k, (f, n) in per_kind.items()))
+    assert all(n > 0 for _, n in per_kind.values()), "every kind is planted"
+    assert problems == []
+    assert precision == 1.0 and recall == 1.0
+
+
+def test_masked_examples_never_show_the_whole_value() -> None:
+    for row in read_jsonl(PII / "planted.jsonl"):
+        for kind, value in row["planted"]:
+            shown = mask(value, kind)
+            assert value not in shown and shown, (kind, value, shown)
+
+
+def test_luhn_and_issuer_decide_card_numbers() -> None:
+    s = Scrubber()
+    assert s.scrub("card 4111 1111 1111 1111 ok")[0] == "card <CARD_NUMBER> ok"
+    assert s.scrub("card 4111 1111 1111 1112 ok")[1] == []  # checksum fails
+    assert s.scrub("ref 9111111111111111 ok")[1] == []  # no issuer starts with 9
+
+
+# --------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("raw, clean", [
+    ("  hello  ", "hello"),
+    ("a\r\nb\rc", "a\nb\nc"),
+    ("trailing   \nspaces\t\nok", "trailing\nspaces\nok"),
+    ("one\n\n\n\n\ntwo", "one\n\ntwo"),
+    ("zero\u200bwidth\ufeff and soft\u00adhyphen", "zerowidth and softhyphen"),
+    ("non\u00a0breaking\u2009thin", "non breaking thin"),
+    ("cafe\u0301", "caf\u00e9"),  # NFC
+    ("bell\x07 and nul\x00", "bell and nul"),
+    ("    indented code\n        kept", "indented code\n        kept"),
+])
+def test_normalize_text(raw: str, clean: str) -> None:
+    assert normalize_text(raw) == clean
+
+
+def sft_rows(n: int, seed: int = 0) -> list[dict]:
+    return [{"prompt": f"Question {i}: {words(8, seed * 1000 + i)}",
+             "completion": words(60, seed * 1000 + 500 + i), "topic": "ab"[i % 2]} for i in range(n)]
+
+
+def settings_for(path: Path, **kw) -> PrepSettings:
+    base = {"train": [str(path)], "method": "sft", "on_bad_rows": "skip", "seed": 7}
+    return PrepSettings(**{**base, **kw})
+
+
+def test_each_step_removes_or_changes_what_it_should(tmp_path: Path) -> None:
+    rows = sft_rows(60)
+    dup = dict(rows[3])
+    near = dict(rows[5])
+    near["completion"] = near["completion"].replace(near["completion"].split()[10], "changed", 1)
+    rows += [
+        dup,  # exact duplicate
+        near,  # near-duplicate: one word of 60 changed
+        {"prompt": "short", "completion": "tiny"},  # under min_chars
+        {"prompt": "Mail me", "completion": "at jane.roe@example.org " + words(40, 99)},  # PII
+        {"prompt": "Spam", "completion": "click HERE now " + words(40, 98)},  # blocklisted
+        {"prompt": "  spaced  ", "completion": words(40, 97) + "   \r\n"},  # normalised
+        {"prompt": None, "completion": "bad"},  # malformed
+    ]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    s = settings_for(f, min_chars=40, dedup=True, near_dedup=True, scrub_pii=True,
+                     blocklist=["click here"], validation_split=0.1)
+    prepared = prepare(s, tmp_path / "ws")
+    rep = prepared.report
+    steps = {x.name: x for x in rep.steps}
+    assert [x.name for x in rep.steps] == list(data_prep.STEP_NAMES)
+    assert (rep.rows_read, rep.rows_bad, steps["read"].removed) == (67, 1, 1)
+    assert steps["normalize"].changed == 1
+    assert steps["length"].removed == 1
+    assert steps["dedup"].removed == 1 and rep.duplicates == 1
+    assert steps["near_dedup"].removed == 1
+    assert steps["pii"].changed == 1 and rep.pii == {"EMAIL": 1}
+    assert steps["blocklist"].removed == 1
+    assert rep.train_rows + rep.validation_rows == rep.rows_out == 62
+    assert rep.validation_rows == 6
+    train = read_jsonl(prepared.directory / "train.jsonl")
+    val = read_jsonl(prepared.directory / "validation.jsonl")
+    everything = train + val
+    assert len(everything) == 62 and set(everything[0]) == {"prompt", "completion"}
+    texts = json.dumps(everything)
+    assert "jane.roe@example.org" not in texts and "<EMAIL>" in texts
+    assert "click HERE" not in texts
+    assert {"prompt": "spaced", "completion": words(40, 97)} in everything
+
+
+def test_steps_that_are_off_leave_rows_alone(tmp_path: Path) -> None:
+    rows = sft_rows(20)
+    rows.append(dict(rows[0]))
+    rows.append({"prompt": "Mail", "completion": "jane.roe@example.org " + words(30, 5)})
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    prepared = prepare(settings_for(f, validation_split=0.0), tmp_path / "ws")
+    assert prepared.report.rows_out == 22
+    assert "jane.roe@example.org" in (prepared.directory / "train.jsonl").read_text()
+    assert prepared.report.validation_rows == 0
+
+
+def test_split_is_seeded_and_stratified(tmp_path: Path) -> None:
+    assert split_indices(100, 0.1, 1) == split_indices(100, 0.1, 1)
+    assert split_indices(100, 0.1, 1) != split_indices(100, 0.1, 2)
+    assert len(split_indices(100, 0.1, 1)) == 10
+    assert split_indices(1, 0.5, 1) == set() and len(split_indices(5, 0.01, 1)) == 1
+    from array import array
+
+    labels = array("i", [0] * 90 + [1] * 10)
+    held = split_indices(100, 0.2, 3, labels)
+    assert sum(1 for i in held if labels[i] == 0) == 18 and sum(1 for i in held if labels[i] == 1) == 2
+    rows = [{"text": words(30, i), "label": "rare" if i % 10 == 0 else "common"} for i in range(200)]
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    rep = prepare(settings_for(f, method="cpt", label_column="label", validation_split=0.25),
+                  tmp_path / "ws").report
+    assert rep.labels == {"common": 180, "rare": 20}
+    assert rep.split_labels == {"train": {"common": 135, "rare": 15}, "validation": {"common": 45, "rare": 5}}
+
+
+def test_a_validation_file_goes_through_the_same_steps_and_loses_rows_shared_with_train(tmp_path: Path) -> None:
+    rows = sft_rows(30)
+    train = write_jsonl(tmp_path / "train.jsonl", rows[:25])
+    val = write_jsonl(tmp_path / "val.jsonl", rows[20:])  # 5 rows leak from train
+    prepared = prepare(settings_for(train, validation=str(val), dedup=True, validation_split=0.5), tmp_path / "ws")
+    rep = prepared.report
+    assert (rep.train_rows, rep.validation_rows, rep.duplicates) == (25, 5, 5)
+    assert read_jsonl(prepared.directory / "validation.jsonl") == [
+        {"prompt": r["prompt"], "completion": r["completion"]} for r in rows[25:]]
+
+
+def test_on_bad_rows_fail_stops_with_file_and_line(tmp_path: Path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"text": "fine doc"}) + "\n{broken\n")
+    with pytest.raises(DataError) as err:
+        prepare(settings_for(f, method="cpt", on_bad_rows="fail"), tmp_path / "ws")
+    assert (err.value.file, err.value.line) == (str(f), 2)
+    assert "on_bad_rows: skip" in str(err.value)
+    assert not list((tmp_path / "ws" / "runs" / ".cache" / "data").glob("*"))  # nothing half-written
+
+
+def test_token_limits_need_a_tokenizer_and_use_it(tmp_path: Path) -> None:
+    rows = [{"text": words(n, n)} for n in (5, 50, 500)]
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(PrepError, match="need a tokenizer"):
+        prepare(settings_for(f, method="cpt", max_tokens=100), tmp_path / "ws")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    rep = prepare(settings_for(f, method="cpt", min_tokens=10, max_tokens=100, tokenizer=str(tmp_path),
+                               max_seq_len=40), tmp_path / "ws").report
+    assert rep.rows_out == 1 and rep.tokens.max == 50 and rep.tokenizer == str(tmp_path)
+    assert {x.name: x.removed for x in rep.steps}["length"] == 2
+    assert rep.over_max_seq_len == 1
+
+
+# --------------------------------------------------------------------------------------------
+# Near-duplicates
+# --------------------------------------------------------------------------------------------
+
+
+def test_near_duplicates_are_found_and_distinct_rows_kept(tmp_path: Path) -> None:
+    import random
+
+    rnd = random.Random(3)
+    base = [words(120, 10_000 + i) for i in range(300)]
+    rows = [{"text": t} for t in base]
+    for i in range(0, 300, 10):  # 30 copies with 2 of 120 words changed (Jaccard ~0.9)
+        ws = base[i].split()
+        for _ in range(2):
+            ws[rnd.randrange(len(ws))] = "edited"
+        rows.append({"text": " ".join(ws)})
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    rep = prepare(settings_for(f, method="cpt", near_dedup=True), tmp_path / "ws").report
+    near = {x.name: x for x in rep.steps}["near_dedup"].removed
+    assert 25 <= near <= 30  # LSH finds most pairs at this similarity, and no distinct row
+    assert rep.rows_out == 330 - near
+
+
+def test_the_near_duplicate_index_grows_past_its_capacity() -> None:
+    index = NearDupIndex(expected_rows=10, bands=2)
+    for i in range(30_000):
+        assert not index.seen_or_add([i * 2, i * 2 + 1])
+    assert len(index.filters) > 1
+    assert index.seen_or_add([10, 99_999_999])
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint and cache
+# --------------------------------------------------------------------------------------------
+
+
+def test_fingerprint_follows_bytes_and_settings(tmp_path: Path) -> None:
+    f = write_jsonl(tmp_path / "t.jsonl", [{"text": "alpha beta"}, {"text": "gamma delta"}])
+    s = settings_for(f, method="cpt", dedup=True)
+    fp = fingerprint(s)
+    assert fp == fingerprint(settings_for(f, method="cpt", dedup=True)) and len(fp) == 16
+    data = bytearray(f.read_bytes())
+    data[12] ^= 1  # one changed byte
+    f.write_bytes(bytes(data))
+    assert fingerprint(s) != fp
+    data[12] ^= 1
+    f.write_bytes(bytes(data))
+    assert fingerprint(s) == fp
+    assert fingerprint(settings_for(f, method="cpt", dedup=False)) != fp
+    assert fingerprint(settings_for(f, method="cpt", dedup=True, seed=8)) != fp
+    assert fingerprint(s, {str(f): data_prep.file_sha256(f)}) == fp
+
+
+def test_rerunning_prep_on_unchanged_data_hits_the_cache(tmp_path: Path, monkeypatch) -> None:
+    f = write_jsonl(tmp_path / "t.jsonl", [{"text": words(20, i)} for i in range(30)])
+    first = prepare(settings_for(f, method="cpt", validation_split=0.2), tmp_path / "ws")
+    assert not first.cached and first.directory.parent == tmp_path / "ws" / "runs" / ".cache" / "data"
+
+    def boom(self):
+        raise AssertionError("the pipeline ran again")
+
+    monkeypatch.setattr(data_prep.Pipeline, "run", boom)
+    again = prepare(settings_for(f, method="cpt", validation_split=0.2), tmp_path / "ws")
+    assert again.cached and again.fingerprint == first.fingerprint
+    assert again.report.train_rows == first.report.train_rows == 24
+
+
+def test_profile_fingerprint_and_prepared_splits(tmp_path: Path) -> None:
+    from engine.profile import load_profile, resolved_paths
+    from tests.conftest import tiny_profile
+
+    path = tiny_profile(tmp_path, "sft", data_rows=40, data={"prep": {"dedup": True}})
+    lp = load_profile(path, check_model=False)
+    fp = prep_fingerprint(lp)
+    assert fp == prep_fingerprint(load_profile(path, ["data.prep.dedup=true"], check_model=False))
+    assert fp != prep_fingerprint(load_profile(path, ["data.prep.scrub_pii=true"], check_model=False))
+    fmt, train, val, bad = prepared_splits(resolved_paths(lp), tmp_path / "ws")
+    assert (fmt, len(train) + len(val), bad) == ("prompt_completion", 40, 0)
+    assert len(val) == 4
+
+
+def test_inspect_measures_without_changing(tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in (PROFILES / "data" / "owasp-sft.jsonl").read_text().split("\n") if line]
+    rows = rows[:50] + rows[:5] + [{"prompt": "who?", "completion": "ssh root@10.1.2.3 with key AKIAIOSFODNN7EXAMPLE"}]
+    f = write_jsonl(tmp_path / "d.jsonl", rows)
+    rep = inspect(settings_for(f, max_seq_len=64))
+    assert (rep.rows_read, rep.duplicates, rep.rows_out) == (56, 5, 56)
+    assert rep.pii.get("AWS_ACCESS_KEY") == 1 and rep.pii.get("IPV4") == 1
+    assert rep.over_max_seq_len > 0 and rep.tokenizer is None
+    assert rep.chars.count == 56 and rep.chars.p50 <= rep.chars.p90 <= rep.chars.max
+    assert sum(c for _, _, c in rep.chars.histogram) == 56
+    text = rep.render()
+    assert "exact duplicates: 5" in text and "AWS_ACCESS_KEY" in text and "AKIAIOSFODNN7EXAMPLE" not in text
+
+
+def test_parallel_workers_give_the_same_result_and_line_numbers(tmp_path: Path, monkeypatch) -> None:
+    rows = sft_rows(600)
+    rows += [dict(r) for r in rows[:40]]
+    lines = [json.dumps(r) for r in rows]
+    lines.insert(450, "{broken")
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(data_prep, "CHUNK_BYTES", 16_000)  # many chunks
+    one = prepare(settings_for(f, dedup=True, near_dedup=True, validation_split=0.1, workers=1), tmp_path / "a")
+    two = prepare(settings_for(f, dedup=True, near_dedup=True, validation_split=0.1, workers=2), tmp_path / "b")
+    assert two.report.workers == 2
+    assert (one.directory / "train.jsonl").read_bytes() == (two.directory / "train.jsonl").read_bytes()
+    assert (one.directory / "validation.jsonl").read_bytes() == (two.directory / "validation.jsonl").read_bytes()
+    assert one.report.bad_examples == two.report.bad_examples == [
+        f"{f}:451: not valid JSON: Expecting property name enclosed in double quotes at column 2"]
+    assert one.report.duplicate_examples == two.report.duplicate_examples
+    assert two.report.duplicate_examples[0] == f"{f}:602 repeats {f}:1"
