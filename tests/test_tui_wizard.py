@@ -227,6 +227,48 @@ async def test_save_and_launch_runs_to_completion(workspace: Path) -> None:
             await asyncio.sleep(1.0)
         assert status == "completed", (status, (workspace / "runs" / run_id / "engine.log")
                                        .read_text()[-3000:])
+        # Home lists it among the recent runs.
+        app.action_home()
+        await settle(pilot)
+        home = app.screen
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            recent = home.query_one("#home-recent")
+            if run_id in [k.value for k in recent.rows]:
+                break
+            await asyncio.sleep(0.1)
+        row = recent.get_row(run_id)
+        assert "launch-sft" in str(row[1]) and "completed" in str(row[3])
+
+
+@pytest.mark.asyncio
+async def test_command_palette_reaches_the_actions(workspace: Path) -> None:
+    app = make_app(workspace)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await settle(pilot)
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"New run", "Open profile", "History", "Home", "Open profile demo-sft"} <= titles
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Open profile demo-sft")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.wizard is not None and app.screen is app.wizard
+        assert app.wizard.draft.name == "demo-sft"
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        assert {"Next step", "Previous step", "Save profile", "Save & launch",
+                "Go to step 4: Memory", "Use the recommended ZeRO option"} <= titles
+        await pilot.press("ctrl+p")
+        await pilot.pause()
+        await pilot.press(*"Go to step 4")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await settle(pilot)
+        assert app.wizard.current_step.step_id == "memory"
+        await pilot.press("escape")
+        await settle(pilot)
+        assert app.screen.id == "home"
 
 
 @pytest.mark.asyncio

@@ -136,8 +136,17 @@ class ZerotuneApp(App[int]):
             return
         self.switch_mode("runs")
 
-    def open_run(self, run_id: str) -> None:
-        """Show a run's monitor over the current screen."""
+    def open_run(self, run_id: str, *, finished: bool = False) -> None:
+        """Show a run over the current screen: its monitor, or for a run that has ended its
+        detail page (where the run area has one)."""
+        if finished:
+            try:
+                from tui.screens.run_detail import RunDetailScreen
+            except ImportError:
+                pass
+            else:
+                self.push_screen(RunDetailScreen(self.workspace, run_id))
+                return
         try:
             from tui.screens.monitor import MonitorScreen
         except ImportError:
@@ -163,9 +172,12 @@ class ZerotuneApp(App[int]):
 
         if isinstance(screen, HomeScreen) and screen.snapshot is not None:
             for r in screen.snapshot.live + screen.snapshot.recent[:10]:
-                yield SystemCommand(f"Monitor run {r['id']} {r.get('name') or ''}",
+                done = r in screen.snapshot.recent
+                yield SystemCommand(f"{'Show' if done else 'Monitor'} run {r['id']} "
+                                    f"{r.get('name') or ''}",
                                     f"{r.get('status')}, {r.get('method') or ''}",
-                                    lambda rid=r["id"]: self.open_run(rid), discover=False)
+                                    lambda rid=r["id"], done=done: self.open_run(
+                                        rid, finished=done), discover=False)
         if self.wizard is not None and screen is self.wizard:
             w = self.wizard
             yield SystemCommand("Next step", "Check this step and go on", w.action_next)

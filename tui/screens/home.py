@@ -186,7 +186,7 @@ class HomeScreen(Screen):
         if not snap.exists or not (snap.live or snap.recent):
             note.update("No runs yet. Press [b]n[/] to plan one, or [b]o[/] to open a profile.")
         else:
-            note.update("[dim]Enter on a run opens its monitor.[/]")
+            note.update("[dim]Enter on a run: its monitor (live) or its details.[/]")
 
     def _fill(self, table: DataTable, runs: list[dict[str, Any]]) -> None:
         keep = table.cursor_row
@@ -207,7 +207,8 @@ class HomeScreen(Screen):
     def _run_selected(self, event: DataTable.RowSelected) -> None:
         event.stop()
         if event.row_key.value:
-            self.app.open_run(str(event.row_key.value))  # type: ignore[attr-defined]
+            finished = event.data_table.id == "home-recent"
+            self.app.open_run(str(event.row_key.value), finished=finished)  # type: ignore[attr-defined]
 
     @on(Button.Pressed)
     def _button(self, event: Button.Pressed) -> None:

@@ -17,6 +17,8 @@ from textual.message import Message
 from textual.widget import Widget
 from textual.widgets import Checkbox, Input, Label, Select, Static
 
+from tui.widgets.wizard_toggle import Toggle
+
 from tui.screens.wizard.draft import Draft, format_value, help_of, parse_text
 
 
@@ -87,7 +89,7 @@ class Field(Widget):
             return Select(self.options, allow_blank=False, compact=True, id=cid,
                           classes="field-control")
         if self.kind == "bool":
-            return Checkbox("", compact=True, id=cid, classes="field-control")
+            return Toggle("", compact=True, id=cid, classes="field-control")
         return Input(placeholder=self.placeholder, compact=True, id=cid, classes="field-control",
                      select_on_focus=False)
 

@@ -11,11 +11,12 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.message import Message
-from textual.widgets import DataTable, Label, RadioButton, RadioSet
+from textual.widgets import DataTable, Label, RadioSet
 from textual.worker import get_current_worker
 
 from tui.screens.wizard.base import StepScroll, WizardStep, problems_box, set_radio
 from tui.screens.wizard.memory import gib
+from tui.widgets.wizard_toggle import Choice
 from tui.widgets.wizard_field import Field, choices
 
 MODES = {
@@ -51,7 +52,7 @@ class InferenceStep(WizardStep):
                 for key, (title, line) in MODES.items():
                     t = Text(title, style="bold")
                     t.append(f"  {line}", style="dim")
-                    yield RadioButton(t, id=f"mode-{key}")
+                    yield Choice(t, id=f"mode-{key}")
             yield DataTable(id="inf-table", cursor_type="none", show_cursor=False)
             yield Field("inference.prompts", "Prompts file", wide=True,
                         placeholder="e.g. data/prompts.jsonl")

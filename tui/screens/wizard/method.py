@@ -6,11 +6,12 @@ from __future__ import annotations
 from rich.text import Text
 from textual import on
 from textual.app import ComposeResult
-from textual.widgets import Label, RadioButton, RadioSet, Static
+from textual.widgets import Label, RadioSet, Static
 
 from engine.data_formats import FORMAT_COLUMNS, METHOD_FORMATS, detect_format
 from engine.profile import Problem
 from tui.screens.wizard.base import StepScroll, WizardStep, problems_box, set_radio
+from tui.widgets.wizard_toggle import Choice
 from tui.widgets.wizard_field import Field, choices
 
 METHODS = {
@@ -45,12 +46,12 @@ class MethodStep(WizardStep):
             yield Label("Method", classes="section-title")
             with RadioSet(id="method-kind", compact=True):
                 for key, (title, line) in METHODS.items():
-                    yield RadioButton(radio_label(title, line), id=f"kind-{key}")
+                    yield Choice(radio_label(title, line), id=f"kind-{key}")
             yield Static("", id="method-data", classes="info")
             yield Label("Weights", classes="section-title")
             with RadioSet(id="method-adapter", compact=True):
                 for key, (title, line) in ADAPTERS.items():
-                    yield RadioButton(radio_label(title, line), id=f"adapter-{key}")
+                    yield Choice(radio_label(title, line), id=f"adapter-{key}")
             yield Field("method.lora.r", "LoRA rank r", classes="lora")
             yield Field("method.lora.alpha", "LoRA alpha", classes="lora")
             yield Field("method.lora.dropout", "LoRA dropout", classes="lora",

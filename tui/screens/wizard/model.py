@@ -6,11 +6,12 @@ from __future__ import annotations
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal
-from textual.widgets import Label, RadioButton, RadioSet, Select, Static
+from textual.widgets import Label, RadioSet, Select, Static
 
 from engine.model_shape import CATALOG_HUB_IDS, catalog_names
 from engine.profile import Problem, model_location
 from tui.screens.wizard.base import StepScroll, WizardStep, problems_box, set_radio, show
+from tui.widgets.wizard_toggle import Choice
 from tui.widgets.wizard_field import Field, choices
 
 SOURCES = {
@@ -47,7 +48,7 @@ class ModelStep(WizardStep):
         with StepScroll():
             with RadioSet(id="model-source", compact=True):
                 for key, label in SOURCES.items():
-                    yield RadioButton(label, id=f"src-{key}")
+                    yield Choice(label, id=f"src-{key}")
             with Horizontal(classes="field-row", id="model-catalog-row"):
                 yield Label("Catalog entry", classes="field-label")
                 yield Select([(n, n) for n in catalog_names()], prompt="(choose)",
