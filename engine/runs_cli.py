@@ -350,6 +350,9 @@ def show_report(db, run_id: str, stall_minutes: float | None = None) -> dict[str
             estimate = json.loads(run["estimate"])
         except ValueError:
             estimate = run["estimate"]
+    evaluation = [e["payload"] for e in history.run_events(db, run["id"], kinds=["eval"])
+                  if isinstance(e["payload"], dict) and e["payload"].get("evaluation")]
+    inference = [e["payload"] for e in history.run_events(db, run["id"], kinds=["infer"])]
     return {
         "run": run,
         "profile": profile,
@@ -358,6 +361,8 @@ def show_report(db, run_id: str, stall_minutes: float | None = None) -> dict[str
         "devices": history.device_summary(db, run["id"]),
         "children": history.run_children(db, run["id"]),
         "warnings": warnings,
+        "evaluation": evaluation[-1] if evaluation else None,
+        "inference": inference[-1] if inference else None,
     }
 
 
@@ -434,6 +439,7 @@ def cmd_show(args: argparse.Namespace) -> int:
                  m["last_step"] if m["last_step"] is not None else "-", m["count"]]
                 for name, m in report["metrics"].items()]
         print(table(["METRIC", "LAST", "MIN", "MAX", "STEP", "POINTS"], rows))
+    _print_evaluation(report.get("evaluation"), report.get("inference"))
     if report["devices"]:
         print()
         rows = []
@@ -445,6 +451,32 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(table(["DEVICE", "SAMPLES", "UTIL MEAN/PEAK", "RUN PEAK", "USED PEAK", "TOTAL",
                      "POWER W", "TEMP C"], rows))
     return EXIT_OK
+
+
+def _print_evaluation(evaluation: dict[str, Any] | None, inference: dict[str, Any] | None) -> None:
+    """Held-out evaluation (base vs tuned) and the latest batch inference, when recorded."""
+    if evaluation:
+        print()
+        print(f"evaluation on {evaluation.get('heldout_rows', '?')} held-out rows")
+        rows = []
+        for m in evaluation["evaluation"]:
+            delta = m.get("delta")
+            better = None if delta is None else (delta > 0) == bool(m.get("higher_is_better", True))
+            mark = "" if delta is None or delta == 0 else ("  better" if better else "  worse")
+            rows.append([m["name"], fmt_num(m.get("base")), fmt_num(m.get("tuned")),
+                         ("-" if delta is None else f"{delta:+.4g}") + mark])
+        print(table(["METRIC", "BASE", "TUNED", "DIFFERENCE"], rows))
+    if inference:
+        print()
+        mem = "host RSS" if inference.get("peak_mem_kind") == "host_rss" else "GPU"
+        p50, p95 = inference.get("latency_p50_s"), inference.get("latency_p95_s")
+        print(f"inference  {inference.get('mode')} on {inference.get('world_size')} rank(s), "
+              f"{inference.get('prompts')} prompts: {fmt_num(inference.get('tokens_per_s'))} tokens/s, "
+              f"latency p50 {fmt_num(None if p50 is None else p50 * 1000)} ms "
+              f"p95 {fmt_num(None if p95 is None else p95 * 1000)} ms, "
+              f"peak {fmt_bytes(inference.get('peak_mem_bytes'))} ({mem})")
+        if inference.get("generations"):
+            print(f"           {inference['generations']}")
 
 
 def _measured_vs_estimate(measured: float | None, estimated: float | None, label: str) -> str:

@@ -86,4 +86,23 @@ def test_a_trained_model_beats_its_untrained_start(tmp_path: Path) -> None:
     assert last["event"] == "eval" and last["stage"] == "evaluation"
     assert math.isfinite(last["heldout_perplexity"])
     json.dumps(last)
+    # Recorded as the supervisor records a live run's events, runs show prints base vs tuned.
+    from engine import history
+    from engine.workspace import db_path
+    from tests.conftest import zerotune
+
+    db = history.open_db(db_path(ws))
+    try:
+        rec = history.RunRecorder(db, run["id"])
+        rec.add_events([last])
+        rec.flush()
+        assert history.metric_summary(db, run["id"])["base_perplexity"]["last"] == out["base_perplexity"]
+    finally:
+        db.close()
+    shown = zerotune("--workspace", str(ws), "runs", "show", run["id"])
+    assert shown.returncode == 0, shown.stderr
+    assert "evaluation on 4 held-out rows" in shown.stdout
+    section = shown.stdout.split("evaluation on 4 held-out rows", 1)[1]
+    line = next(x for x in section.splitlines() if x.startswith("perplexity "))
+    assert "better" in line
     assert yaml.safe_load((run_dir / "profile.yaml").read_text())["evaluation"]["baseline"] is True
