@@ -409,11 +409,13 @@ def run_inference_stage(profile, run_dir: Path, events: EventWriter | None) -> d
 
     from engine.run_model import load_run_model
 
-    dtype = profile.model.dtype if profile.model.dtype in ("bf16", "fp16", "fp32") else "fp32"
-    s = InferSettings.from_profile(profile, dtype=dtype)
-    if dist.is_available() and dist.is_initialized():
+    from engine.export import training_dtype
+
+    s = InferSettings.from_profile(profile, dtype=training_dtype(Path(run_dir)))
+    ensure_distributed()
+    if dist.get_world_size() > 1:
         dist.barrier()  # rank 0 has finished writing model/
-    model, tok, _ = load_run_model(Path(run_dir), dtype)
+    model, tok, _ = load_run_model(Path(run_dir), s.dtype)
     rows = load_prompts(Path(inf.prompts))
     summary = infer(model, tok, rows, s)
     if summary is None:
@@ -426,11 +428,20 @@ def run_inference_stage(profile, run_dir: Path, events: EventWriter | None) -> d
 # --------------------------------------------------------------------------------------------
 
 
-def _init_distributed() -> None:
-    if world_size() > 1 or "RANK" in os.environ:
-        import deepspeed
+def ensure_distributed() -> None:
+    """A process group for DeepSpeed: the launcher's, or a one-rank group when run alone."""
+    import torch.distributed as dist
 
-        deepspeed.init_distributed()
+    if dist.is_available() and dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        from engine.launcher import free_port
+
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    import deepspeed
+
+    deepspeed.init_distributed()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -456,7 +467,8 @@ def run(args: argparse.Namespace) -> int:
         if prompts is None:
             raise ValueError("no prompts: pass --prompts FILE or set inference.prompts in the profile")
         rows = load_prompts(prompts)
-        _init_distributed()
+        if s.mode != "plain":
+            ensure_distributed()
         model, tok, src = load_run_model(run_dir, s.dtype, model_dir=args.model_dir)
         log(f"{s.mode} inference of {len(rows)} prompts on {world_size()} rank(s), "
             f"model {src.path} ({src.kind}), {s.dtype}")

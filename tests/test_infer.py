@@ -192,3 +192,42 @@ def test_percentile_and_prompt_rows(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"text": 1}\n')
     with pytest.raises(ValueError, match=r"bad\.jsonl:1"):
         load_prompts(tmp_path / "bad.jsonl")
+
+
+STAGE = r"""
+import json, sys
+from pathlib import Path
+from engine.events import EventWriter
+from engine.infer import run_inference_stage
+from engine.train import load_run_profile
+run_dir = Path(sys.argv[1])
+profile = load_run_profile(run_dir).profile
+fields = run_inference_stage(profile, run_dir, EventWriter(run_dir / "events.jsonl"))
+print(json.dumps(fields))
+"""
+
+
+def test_inference_stage_after_training_in_process(tmp_path: Path, tiny) -> None:
+    """What train.py calls after saving the model: the profile's inference, no launcher."""
+    import shutil
+
+    import yaml
+
+    model_dir, prompts = tiny
+    run_dir = tmp_path / "run"
+    shutil.copytree(model_dir, run_dir / "model")
+    data = write_jsonl(tmp_path / "sft.jsonl", sample_rows("sft", 10))
+    (run_dir / "profile.yaml").write_text(yaml.safe_dump({
+        "name": "stage", "model": {"path": str(model_dir)}, "data": {"train": str(data)},
+        "method": {"kind": "sft"},
+        "inference": {"mode": "zero", "prompts": str(prompts), "max_new_tokens": 6, "batch_size": 2},
+    }))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    r = subprocess.run([sys.executable, "-c", STAGE, str(run_dir)], capture_output=True, text=True,
+                       timeout=300, env={**env, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    fields = json.loads(r.stdout.strip().splitlines()[-1])
+    assert fields["mode"] == "zero" and fields["prompts"] == 5
+    rows = [json.loads(x) for x in (run_dir / "generations.jsonl").read_text().splitlines()]
+    assert [x["output"] for x in rows] == reference_outputs(model_dir, prompts, 6, 2)
+    assert infer_event(run_dir)["tokens_out"] == sum(x["tokens_out"] for x in rows)
