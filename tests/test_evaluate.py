@@ -106,3 +106,31 @@ def test_a_trained_model_beats_its_untrained_start(tmp_path: Path) -> None:
     line = next(x for x in section.splitlines() if x.startswith("perplexity "))
     assert "better" in line
     assert yaml.safe_load((run_dir / "profile.yaml").read_text())["evaluation"]["baseline"] is True
+
+
+def test_dpo_rewards_against_the_base_model(tmp_path: Path) -> None:
+    """No TRL reward metrics logged: accuracy and margin are computed with the base as reference.
+    The run's model is its base here, so every implicit reward margin is exactly 0."""
+    import shutil
+
+    from engine.profile import validate_profile
+    from tests.conftest import sample_rows, write_jsonl
+    from tests.test_infer import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "base")
+    run_dir = tmp_path / "run"
+    shutil.copytree(base, run_dir / "model")
+    data = write_jsonl(tmp_path / "dpo.jsonl", sample_rows("dpo", 6))
+    raw = {"name": "dpo-eval", "model": {"path": str(base)}, "data": {"train": str(data), "max_seq_len": 96},
+           "method": {"kind": "dpo"}, "evaluation": {"baseline": True}}
+    (run_dir / "profile.yaml").write_text(yaml.safe_dump(raw))
+    p = validate_profile(raw, check_data=False, check_model=False).profile
+    trainer = _Trainer()
+    trainer.state.log_history = []
+    out = ev.evaluate_after_training(trainer, p, run_dir, sample_rows("dpo", 3), None)
+    assert out["reward_accuracy"] == 0.0 and out["reward_margin"] == pytest.approx(0.0, abs=1e-9)
+    assert out["heldout_perplexity"] == pytest.approx(out["base_perplexity"])
+    assert "eval_loss" in out and "exact_match" not in out
+    trainer.state.log_history = [{"eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.2, "eval_loss": 0.6}]
+    out = ev.evaluate_after_training(trainer, p, run_dir, sample_rows("dpo", 3), None)
+    assert (out["reward_accuracy"], out["reward_margin"], out["eval_loss"]) == (0.75, 0.2, 0.6)
