@@ -292,6 +292,7 @@ def _evaluate(trainer, profile, run_dir: Path, rows, events) -> dict[str, Any]:
         last = math.log(tuned["perplexity"])
     if last is not None:
         fields["eval_loss"] = last
+        fields["perplexity"] = math.exp(last) if last < 50 else float("inf")
     fields["evaluation"] = table
     if events is not None:
         events.emit("eval", **fields)
