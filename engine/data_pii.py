@@ -172,9 +172,10 @@ def _find_url_passwords(text: str) -> Iterator[Span]:
 
 
 def _find_tokens(text: str) -> Iterator[Span]:
-    underscore = "_" in text  # prose rarely has one: skip the prefixes that contain it
+    # prose rarely has "_" and often no "-" or "://": skip the prefixes that need them
+    has = {"_": "_" in text, "-": "-" in text, "/": "://" in text}
     for kind, prefix, pattern, classes in _TOKENS:
-        if not underscore and "_" in prefix:
+        if ("_" in prefix and not has["_"]) or ("-" in prefix and not has["-"]) or ("/" in prefix and not has["/"]):
             continue
         if len(prefix) <= 2:  # a short common prefix: let the expression scan (it starts with it)
             matches = pattern.finditer(text)
