@@ -617,7 +617,8 @@ class Pipeline:
         total_bytes = sum(Path(src).stat().st_size for _, src in inputs
                           if not is_hub_name(src) and Path(src).is_file())
         lsh = lsh_params(s.near_dedup_threshold) if self.near_on else None
-        state = _State(near=NearDupIndex(max(10_000, total_bytes // 200), lsh[0]) if lsh else None)
+        # rows are rarely under 400 bytes; if they are, the index adds a filter as it fills
+        state = _State(near=NearDupIndex(max(10_000, total_bytes // 400), lsh[0]) if lsh else None)
         workers = self._worker_count(total_bytes)
         rep.workers = workers
         tmp: dict[str, Path | None] = {"train": None, "validation": None}
