@@ -126,3 +126,19 @@ def test_zero3_checkpoint_shards_are_consolidated(tmp_path: Path) -> None:
     r = zerotune("--workspace", str(ws), "export", run["id"], "--checkpoint", "99", "--out", str(tmp_path / "x"))
     assert r.returncode == 2 and "no checkpoint 99" in r.stderr
     shutil.rmtree(tmp_path / "x", ignore_errors=True)
+
+
+def test_infer_a_finished_run_is_kept_in_history(lora_run, tmp_path: Path) -> None:
+    """`zerotune infer RUN_ID` on a LoRA run (merged on load); `runs show` reports it."""
+    from tests.test_infer import prompts_file
+
+    ws, run_id, run_dir = lora_run
+    prompts = prompts_file(tmp_path / "prompts.jsonl", 3)
+    r = zerotune("--workspace", str(ws), "infer", run_id, "--mode", "zero", "--prompts", str(prompts),
+                 "--max-new-tokens", "4", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.startswith("mode          zero on 1 rank(s)")
+    assert len((run_dir / "generations.jsonl").read_text().splitlines()) == 3
+    shown = zerotune("--workspace", str(ws), "runs", "show", run_id)
+    assert "inference  zero on 1 rank(s), 3 prompts" in shown.stdout
+    assert (run_dir / "infer_command.txt").read_text().count("engine.infer") == 1
