@@ -120,7 +120,7 @@ async def walk_new_profile(pilot, method: str, name: str, *, max_steps: int = 4)
     await fill(pilot, "data.max_seq_len", "64")
     step = w.current_step
     assert step.preview is not None and step.preview.error is None
-    assert step.report is not None and step.report.rows > 0
+    assert step.report is not None and step.report.report.rows_read > 0, step.report.error
     assert w.draft.value("method.kind") == method
     await next_step(pilot, "model")
     # Model: a tiny Llama from scratch.

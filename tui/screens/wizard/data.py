@@ -3,9 +3,7 @@ columns, set the split and sequence length; a report of the whole data in a work
 
 from __future__ import annotations
 
-import hashlib
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,8 @@ from engine.data_formats import (
     METHOD_FORMATS,
     DataError,
     detect_format,
+    is_hub_name,
+    is_saved_dataset,
     iter_raw_rows,
     missing_columns_message,
 )
@@ -39,12 +39,6 @@ FORMAT_LABELS = {"auto": "auto (detect)", "text": "text", "prompt_completion": "
 METHOD_FOR_FORMAT = {"text": "cpt", "prompt_completion": "sft", "messages": "sft",
                      "preference": "dpo"}
 SKIP_DIRS = {"runs", "node_modules", "__pycache__", "checkpoints"}
-CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with a BPE tokenizer
-
-
-def is_saved_dataset(path: Path) -> bool:
-    """A folder written by ``datasets.Dataset.save_to_disk``."""
-    return path.is_dir() and (path / "dataset_info.json").exists() and (path / "state.json").exists()
 
 
 class DataTree(DirectoryTree):
@@ -75,134 +69,147 @@ class DataTree(DirectoryTree):
 # Reading the data (in workers)
 # --------------------------------------------------------------------------------------------
 
+# Saved datasets folders and hub datasets are read with the ``datasets`` library, which the UI
+# process never imports: those are read by a child process instead.
+_PREVIEW_CHILD = """
+import json, sys
+from engine.data_formats import DataError, iter_raw_rows
+rows, errors = [], []
+try:
+    for row in iter_raw_rows(sys.argv[1], errors):
+        rows.append(row.data)
+        if len(rows) >= int(sys.argv[2]):
+            break
+except DataError as exc:
+    print(json.dumps({"error": str(exc)}))
+    sys.exit(0)
+print(json.dumps({"rows": rows, "errors": [str(e) for e in errors[:1]]}, default=str))
+"""
+
+
+def needs_child(source: str) -> bool:
+    """Whether reading ``source`` needs the datasets library (so another process)."""
+    return is_hub_name(source) or is_saved_dataset(Path(source))
+
 
 @dataclass
 class Preview:
-    path: Path
+    source: str
     columns: list[str] = field(default_factory=list)
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
-    saved_dataset: bool = False
 
 
-def read_preview(path: Path) -> Preview:
-    """The first rows of a data file or folder, and the columns they have."""
-    if is_saved_dataset(path):
-        return Preview(path, error="a saved datasets directory (save_to_disk): zerotune reads "
-                       "data files; export it first, e.g. ds.to_json('train.jsonl')",
-                       saved_dataset=True)
-    if not path.exists():
-        return Preview(path, error=f"file not found: {path}")
+def _child_env() -> dict[str, str]:
+    import os
+
+    root = str(Path(__file__).resolve().parents[3])
+    return {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def read_preview(source: str) -> Preview:
+    """The first rows of a data source, and the columns they have."""
     rows: list[dict[str, Any]] = []
-    errors: list[DataError] = []
-    try:
-        for row in iter_raw_rows(path, errors):
-            rows.append(row.data)
-            if len(rows) >= PREVIEW_ROWS:
-                break
-    except DataError as exc:
-        return Preview(path, error=str(exc))
+    errors: list[str] = []
+    if not is_hub_name(source) and not Path(source).exists():
+        return Preview(source, error=f"file not found: {source}")
+    if needs_child(source):
+        import subprocess
+        import sys
+
+        try:
+            out = subprocess.run([sys.executable, "-c", _PREVIEW_CHILD, source, str(PREVIEW_ROWS)],
+                                 capture_output=True, text=True, timeout=300, env=_child_env(),
+                                 stdin=subprocess.DEVNULL)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, ValueError, IndexError, OSError) as exc:
+            return Preview(source, error=f"cannot read {source}: {exc}")
+        if result.get("error"):
+            return Preview(source, error=result["error"])
+        rows, errors = result["rows"], result["errors"]
+    else:
+        bad: list[DataError] = []
+        try:
+            for row in iter_raw_rows(source, bad):
+                rows.append(row.data)
+                if len(rows) >= PREVIEW_ROWS:
+                    break
+        except DataError as exc:
+            return Preview(source, error=str(exc))
+        errors = [str(e) for e in bad[:1]]
     if not rows:
-        msg = str(errors[0]) if errors else "no rows"
-        return Preview(path, error=msg)
+        return Preview(source, error=errors[0] if errors else "no rows")
     columns: list[str] = []
     for r in rows:
         for k in r:
             if k not in columns:
                 columns.append(k)
-    return Preview(path, columns, rows)
+    return Preview(source, columns, rows)
 
 
 @dataclass
-class DataReport:
+class ReportResult:
+    """engine.data_report.DataReport of one set of choices, or why there is none."""
+
     key: tuple
-    format: str | None = None
-    rows: int = 0
-    bad: int = 0
-    first_bad: str | None = None
-    chars: int = 0
-    tokens: int | None = None
-    tokenizer: str | None = None
-    duplicates: int = 0
-    too_long: int = 0
+    report: Any = None
     error: str | None = None
-    seconds: float = 0.0
 
 
-def _texts(row: dict[str, Any]) -> list[str]:
-    out: list[str] = []
-    for v in row.values():
-        if isinstance(v, str):
-            out.append(v)
-        elif isinstance(v, list):
-            for m in v:
-                if isinstance(m, dict) and isinstance(m.get("content"), str):
-                    out.append(m["content"])
-    return out
+class _Cancelled(Exception):
+    pass
 
 
-def _load_tokenizer(path: Path | None) -> Any:
-    """A ``tokenizers`` tokenizer from a local tokenizer.json (no transformers), or None."""
-    if path is None:
-        return None
-    file = path / "tokenizer.json" if path.is_dir() else path
-    if file.name != "tokenizer.json" or not file.exists():
-        return None
+def compute_report(key: tuple, source: str, method: str, fmt: str, columns: dict[str, str],
+                   max_seq_len: int, tokenizer: str | None, cancelled=lambda: False
+                   ) -> ReportResult:
+    """``zerotune data inspect`` of the source for these choices (engine.data_prep): rows,
+    characters, tokens, duplicates and near-duplicates, personal data, rows too long, bad
+    rows. In this process for files; in a child process for what needs ``datasets``."""
+    if needs_child(source):
+        return _report_in_child(key, source, method, fmt, columns, max_seq_len, tokenizer)
+    from engine.data_prep import PrepSettings, inspect
+
+    def progress(_rows: int) -> None:
+        if cancelled():
+            raise _Cancelled
+
+    settings = PrepSettings(train=[source], method=method, format=fmt, columns=dict(columns),
+                            on_bad_rows="skip", max_seq_len=max_seq_len, tokenizer=tokenizer)
     try:
-        from tokenizers import Tokenizer
+        return ReportResult(key, inspect(settings, progress))
+    except _Cancelled:
+        return ReportResult(key, error="cancelled")
+    except Exception as exc:  # DataError, PrepError: the message says what is wrong
+        return ReportResult(key, error=str(exc))
 
-        return Tokenizer.from_file(str(file))
-    except Exception:  # a tokenizer we cannot read only costs the token count
-        return None
 
+def _report_in_child(key: tuple, source: str, method: str, fmt: str, columns: dict[str, str],
+                     max_seq_len: int, tokenizer: str | None) -> ReportResult:
+    import subprocess
+    import sys
 
-def compute_report(key: tuple, path: Path, method: str, fmt: str, columns: dict[str, str],
-                   max_seq_len: int, tokenizer_path: Path | None, cancelled=lambda: False
-                   ) -> DataReport:
-    """Rows, characters, tokens (with a local tokenizer), duplicates and rows too long."""
-    from engine.data_formats import check_file, normalize_row
+    from engine.data_report import DataReport
 
-    t0 = time.perf_counter()
-    report = DataReport(key)
+    argv = [sys.executable, "-m", "engine.cli", "data", "inspect", source, "--json",
+            "--method", method, "--format", fmt, "--max-seq-len", str(max_seq_len)]
+    for k, v in columns.items():
+        argv += ["--column", f"{k}={v}"]
+    if tokenizer:
+        argv += ["--tokenizer", tokenizer]
     try:
-        check = check_file(path, method, fmt, columns, "skip")
-    except DataError as exc:
-        report.error = str(exc)
-        report.seconds = time.perf_counter() - t0
-        return report
-    report.format = check.format
-    report.bad = len(check.bad)
-    report.first_bad = str(check.bad[0]) if check.bad else None
-    tok = _load_tokenizer(tokenizer_path)
-    report.tokenizer = str(tokenizer_path) if tok else None
-    tokens = 0
-    seen: set[bytes] = set()
-    errors: list[DataError] = []
-    for i, row in enumerate(iter_raw_rows(path, errors)):
-        if i % 512 == 0 and cancelled():
-            break
-        try:
-            norm = normalize_row(row.data, check.format, columns)
-        except ValueError:
-            continue
-        report.rows += 1
-        texts = _texts(norm)
-        n_chars = sum(len(t) for t in texts)
-        report.chars += n_chars
-        digest = hashlib.blake2b(json.dumps(norm, sort_keys=True).encode(), digest_size=16).digest()
-        if digest in seen:
-            report.duplicates += 1
-        seen.add(digest)
-        if tok is not None:
-            n_tok = sum(len(tok.encode(t).ids) for t in texts)
-            tokens += n_tok
-        else:
-            n_tok = n_chars // CHARS_PER_TOKEN
-        if n_tok > max_seq_len:
-            report.too_long += 1
-    report.tokens = tokens if tok is not None else None
-    report.seconds = time.perf_counter() - t0
-    return report
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=3600, env=_child_env(),
+                             stdin=subprocess.DEVNULL)
+    except (subprocess.SubprocessError, OSError) as exc:
+        return ReportResult(key, error=f"cannot inspect {source}: {exc}")
+    if out.returncode != 0:
+        lines = [x for x in out.stderr.strip().splitlines() if x.strip()]
+        msg = lines[-1] if lines else f"data inspect failed ({out.returncode})"
+        return ReportResult(key, error=msg.removeprefix("error: "))
+    try:
+        return ReportResult(key, DataReport.from_dict(json.loads(out.stdout)))
+    except ValueError as exc:
+        return ReportResult(key, error=f"unreadable report: {exc}")
 
 
 class DataPreviewed(Message):
@@ -212,7 +219,7 @@ class DataPreviewed(Message):
 
 
 class DataReported(Message):
-    def __init__(self, report: DataReport) -> None:
+    def __init__(self, report: ReportResult) -> None:
         super().__init__()
         self.report = report
 
@@ -257,7 +264,7 @@ class DataStep(WizardStep):
     def __init__(self) -> None:
         super().__init__()
         self.preview: Preview | None = None
-        self.report: DataReport | None = None
+        self.report: ReportResult | None = None
         self._report_worker = None
         self._report_key: tuple | None = None
         self._preview_timer = None
@@ -297,10 +304,11 @@ class DataStep(WizardStep):
         self.preview = None
         self.report = None
         self._report_key = None
-        path = self.train_path()
-        if path is not None:
-            self.start_preview(path)
-            self.reveal(path)
+        source = self.train_source()
+        if source is not None:
+            self.start_preview(source)
+            if not is_hub_name(source):
+                self.reveal(Path(source))
         else:
             self.show_preview()
 
@@ -341,13 +349,16 @@ class DataStep(WizardStep):
         super().on_enter()
         self.update_detected()
 
-    def train_path(self) -> Path | None:
+    def train_source(self) -> str | None:
+        """The (first) training source: an absolute path, or a hub name (``hf:org/name``)."""
         value = self.draft.get("data.train")
         if isinstance(value, list):
             value = value[0] if value else None
         if not isinstance(value, str) or not value.strip():
             return None
-        return self.draft.resolve(value)
+        if is_hub_name(value.strip()):
+            return value.strip()
+        return str(self.draft.resolve(value.strip()))
 
     def after_edit(self, path: str) -> None:
         if path == "data.train":
@@ -361,9 +372,9 @@ class DataStep(WizardStep):
 
     def _typed_path(self) -> None:
         self._preview_timer = None
-        p = self.train_path()
-        if p is not None:
-            self.start_preview(p)
+        source = self.train_source()
+        if source is not None:
+            self.start_preview(source)
 
     @on(DirectoryTree.FileSelected, "#data-tree")
     def _file_selected(self, event: DirectoryTree.FileSelected) -> None:
@@ -383,21 +394,21 @@ class DataStep(WizardStep):
         f = self.query_one("Field", Field)  # data.train is the first field
         f.show_value(rel)
         self.draft.put("data.train", rel)
-        self.start_preview(path)
+        self.start_preview(str(path.resolve()))
         self.refresh_errors()
         self.wizard.draft_changed("data.train")
 
     # --- preview ------------------------------------------------------------------------------
 
-    def start_preview(self, path: Path) -> None:
+    def start_preview(self, source: str) -> None:
         self.preview = None
         self.report = None
         show(self.query_one("#data-report", Static), "reading ...")
-        self._preview_w = self._preview_worker(path)
+        self._preview_w = self._preview_worker(source)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="data-preview")
-    def _preview_worker(self, path: Path) -> Preview:
-        preview = read_preview(path)
+    def _preview_worker(self, source: str) -> Preview:
+        preview = read_preview(source)
         if not get_current_worker().is_cancelled:
             self.post_message(DataPreviewed(preview))
         return preview
@@ -407,7 +418,7 @@ class DataStep(WizardStep):
         self.apply_preview(event.preview)
 
     def apply_preview(self, preview: Preview) -> None:
-        if preview.path != self.train_path() or preview is self.preview:
+        if preview.source != self.train_source() or preview is self.preview:
             return  # an older pick, or already shown
         self.preview = preview
         self.wizard.data_columns = set(preview.columns) if not preview.error else None
@@ -540,22 +551,25 @@ class DataStep(WizardStep):
     # --- the report ---------------------------------------------------------------------------
 
     def report_key(self) -> tuple | None:
-        path = self.train_path()
-        if path is None or self.preview is None or self.preview.error:
+        source = self.train_source()
+        if source is None or self.preview is None or self.preview.error:
             return None
-        tok = self.tokenizer_path()
-        return (str(path), self.method(), str(self.draft.value("data.format")),
+        max_len = self.draft.value("data.max_seq_len")
+        return (source, self.method(), str(self.draft.value("data.format")),
                 tuple(sorted(self.mapped_columns().items())),
-                int(self.draft.value("data.max_seq_len")) if isinstance(
-                    self.draft.value("data.max_seq_len"), int) else 0, str(tok))
+                max_len if isinstance(max_len, int) and max_len > 0 else 1024,
+                self.tokenizer())
 
-    def tokenizer_path(self) -> Path | None:
+    def tokenizer(self) -> str | None:
+        """A local tokenizer (tokenizer.json) of the model, for exact token counts; hub
+        tokenizers are not fetched here, so their counts are estimated."""
         for key in ("model.tokenizer", "model.path"):
             v = self.draft.get(key)
             if isinstance(v, str) and v:
                 p = self.draft.resolve(v)
-                if p is not None and p.exists():
-                    return p
+                if p is not None and ((p / "tokenizer.json").is_file() or (
+                        p.is_file() and p.suffix == ".json")):
+                    return str(p)
         return None
 
     def start_report(self) -> None:
@@ -572,11 +586,11 @@ class DataStep(WizardStep):
         self._report_worker = self._run_report(key)
 
     @work(thread=True, exclusive=True, exit_on_error=False, group="data-report")
-    def _run_report(self, key: tuple) -> DataReport:
+    def _run_report(self, key: tuple) -> ReportResult:
         worker = get_current_worker()
-        path, method, fmt, cols, max_len, _ = key
-        report = compute_report(key, Path(path), method, fmt, dict(cols), max_len or 1024,
-                                self.tokenizer_path(), cancelled=lambda: worker.is_cancelled)
+        source, method, fmt, cols, max_len, tokenizer = key
+        report = compute_report(key, source, method, fmt, dict(cols), max_len, tokenizer,
+                                cancelled=lambda: worker.is_cancelled)
         if not worker.is_cancelled:
             self.post_message(DataReported(report))
         return report
@@ -587,28 +601,37 @@ class DataStep(WizardStep):
             return
         self.set_report(event.report)
 
-    def set_report(self, report: DataReport) -> None:
-        self.report = report
+    def set_report(self, result: ReportResult) -> None:
+        self.report = result
         out = self.query_one("#data-report", Static)
-        if report.error:
-            show(out, Text(report.error, style="red"))
-        else:
-            t = Text()
-            t.append(f"{report.rows:,} rows", style="bold")
-            t.append(f", {human_count(report.chars)} characters, ")
-            if report.tokens is not None:
-                t.append(f"{human_count(report.tokens)} tokens")
-            else:
-                t.append(f"~{human_count(report.chars // CHARS_PER_TOKEN)} tokens "
-                         "(estimated: the tokenizer is not known yet)")
-            t.append(f"\n{report.duplicates} duplicate(s), ")
-            approx = "" if report.tokens is not None else " (approx.)"
-            t.append(f"{report.too_long} longer than max_seq_len{approx}",
-                     style="yellow" if report.too_long else "")
-            if report.bad:
-                t.append(f"\n{report.bad} bad row(s)", style="red")
-                t.append(f"; first: {report.first_bad}")
-            show(out, t)
+        rep = result.report
+        if result.error or rep is None:
+            show(out, Text(result.error or "no report", style="red"))
+            self.refresh_errors()
+            return
+        t = Text()
+        t.append(f"{rep.rows_read - rep.rows_bad:,} rows", style="bold")
+        t.append(f", {human_count(rep.chars.total)} characters, ")
+        t.append(f"{human_count(rep.tokens.total)} tokens")
+        if rep.tokenizer is None:
+            t.append(" (estimated: chars/4)", style="dim")
+        if rep.tokens.count:
+            t.append(f"; tokens per row p50 {rep.tokens.p50:,}, p95 {rep.tokens.p95:,}, "
+                     f"max {rep.tokens.max:,}")
+        t.append(f"\n{rep.duplicates} duplicate(s), {rep.near_duplicates} near-duplicate(s), ")
+        t.append(f"{rep.over_max_seq_len} longer than {rep.max_seq_len} tokens",
+                 style="yellow" if rep.over_max_seq_len else "")
+        if rep.pii:
+            found = ", ".join(f"{k} {v}" for k, v in sorted(rep.pii.items()))
+            t.append(f"\npersonal data or secrets: {found} (data.prep.scrub_pii)",
+                     style="yellow")
+        if rep.rows_bad:
+            t.append(f"\n{rep.rows_bad} bad row(s)", style="red")
+            if rep.bad_examples:
+                t.append(f"; first: {rep.bad_examples[0]}")
+        for w in rep.warnings[:2]:
+            t.append(f"\n{w}", style="yellow")
+        show(out, t)
         self.refresh_errors()
 
     async def prepare_check(self) -> None:
@@ -642,12 +665,12 @@ class DataStep(WizardStep):
     def extra_problems(self) -> list[Problem]:
         out: list[Problem] = []
         pv = self.preview
-        path = self.train_path()
-        if path is None:
+        source = self.train_source()
+        if source is None:
             out.append(Problem("data.train", "required: pick a data file in the tree or type "
                                "its path"))
             return out
-        if pv is not None and pv.error and path.exists():
+        if pv is not None and pv.error and (is_hub_name(source) or Path(source).exists()):
             out.append(Problem("data.train", pv.error))
             return out
         if pv is None or pv.error:
@@ -670,8 +693,9 @@ class DataStep(WizardStep):
                 elif fmt not in METHOD_FORMATS[method]:
                     hint = " (or change the method in step 3)"
                 out.append(Problem("data.train", rep.error + hint))
-            elif rep.bad and self.draft.value("data.on_bad_rows") == "fail":
+            elif rep.report.rows_bad and self.draft.value("data.on_bad_rows") == "fail":
+                first = rep.report.bad_examples[0] if rep.report.bad_examples else ""
                 out.append(Problem("data.on_bad_rows",
-                                   f"{rep.bad} bad row(s), first: {rep.first_bad}; fix them or "
-                                   "choose skip"))
+                                   f"{rep.report.rows_bad} bad row(s), first: {first}; fix them "
+                                   "or choose skip"))
         return out
