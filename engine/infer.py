@@ -415,6 +415,9 @@ def run_inference_stage(profile, run_dir: Path, events: EventWriter | None) -> d
     ensure_distributed()
     if dist.get_world_size() > 1:
         dist.barrier()  # rank 0 has finished writing model/
+    if s.mode == "deepspeed" and inf.tensor_parallel != dist.get_world_size():
+        log(f"inference.tensor_parallel is {inf.tensor_parallel}; after training the model is split "
+            f"over the run's {dist.get_world_size()} rank(s) (zerotune infer --gpus N for another size)")
     model, tok, _ = load_run_model(Path(run_dir), s.dtype)
     rows = load_prompts(Path(inf.prompts))
     summary = infer(model, tok, rows, s)
