@@ -348,6 +348,38 @@ async def test_edited_profile_keeps_everything_else(workspace: Path) -> None:
     assert after.training.model_copy(update={"lr": before.training.lr}) == before.training
 
 
+@pytest.mark.asyncio
+async def test_frozen_run_profile_opens_and_saves_over_the_original(workspace: Path) -> None:
+    """What the history's "edit" does: a run's frozen profile (absolute paths, every default
+    spelled out) opened in the wizard and saved to profiles/, asking before overwriting."""
+    from engine.profile import resolved_paths
+
+    frozen = workspace / "runs" / "0123456789ab" / "profile.yaml"
+    frozen.parent.mkdir(parents=True)
+    frozen.write_text(resolved_paths(load_profile(workspace / "profiles" / "demo-sft.yaml"))
+                      .to_yaml())
+    app = make_app(workspace)
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert app.open_profile_in_wizard(frozen)
+        await settle(pilot)
+        w = app.wizard
+        for step in STEP_IDS[1:-1]:
+            await next_step(pilot, step)
+        await fill(pilot, "training.max_steps", "7")
+        await next_step(pilot, "review")
+        await pilot.press("ctrl+s")
+        await settle(pilot)
+        from tui.widgets.common_confirm import ConfirmScreen
+
+        assert isinstance(app.screen, ConfirmScreen)
+        await pilot.press("y")
+        await settle(pilot)
+        assert w.draft.source == (workspace / "profiles" / "demo-sft.yaml").resolve()
+    saved = load_profile(workspace / "profiles" / "demo-sft.yaml").profile
+    assert saved.training.max_steps == 7
+    assert saved.data.train == str(workspace / "profiles" / "data" / "owasp-sft.jsonl")
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input: an inline message, Next blocked, nothing crashes
 # --------------------------------------------------------------------------------------------
