@@ -227,6 +227,11 @@ def main() -> int:
         print(f"\n{'step':<12} {'removed':>10} {'changed':>10} {'cpu s':>8}")
         for s in rep.steps:
             print(f"{s.name:<12} {s.removed:>10,} {s.changed:>10,} {s.seconds:>8.1f}")
+        print(f"{'(ordering)':<12} {'':>10} {'':>10} {rep.main_seconds:>8.1f}  main process: duplicate "
+              "look-ups, counting, writing")
+        cpu = sum(s.seconds for s in rep.steps) + rep.main_seconds
+        print(f"CPU {cpu:.0f} s in all = {1e6 * cpu / max(rep.rows_read, 1):.0f} us a row; "
+              f"{rep.workers} idle cores would give about {rep.workers * rep.rows_read / cpu:,.0f} rows/s")
         print(f"=> train {rep.train_rows:,}, validation {rep.validation_rows:,}; "
               f"PII found {sum(rep.pii.values()):,} ({', '.join(f'{k} {v:,}' for k, v in sorted(rep.pii.items()))})")
         print(token_figure(data, base))

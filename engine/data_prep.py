@@ -479,7 +479,7 @@ class RowProcessor:
             t6 = clock()
             t["blocklist"] = t.get("blocklist", 0.0) + (t6 - t5)
             pending.append([line, name, chars, None, h, bands, label, pii, blocked,
-                            canon if s.write else None, short, joined if self.tokens else None])
+                            canon if s.write else joined[:120], short, joined if self.tokens else None])
         if self.tokens:
             t0 = clock()
             counts = self.tokens.count([r[-1] for r in pending])
@@ -508,10 +508,13 @@ def _run_range(task: tuple[str, int, int]) -> ChunkResult:
     bad: list[tuple[str, int | None, str]] = []
 
     def rows() -> Iterator[tuple[str, int, dict[str, Any]]]:
+        clock = time.process_time
+        spent = 0.0
         with open(path, "rb") as fh:
             fh.seek(start)
             n = 0
             while fh.tell() < end:
+                t0 = clock()
                 raw, err = read_line(fh, path, n + 1)
                 if raw is None:
                     break
@@ -522,12 +525,15 @@ def _run_range(task: tuple[str, int, int]) -> ChunkResult:
                     if not raw.strip():
                         continue
                     try:
-                        yield path, n, parse_json_line(raw, path, n)
+                        row = parse_json_line(raw, path, n)
+                        spent += clock() - t0
+                        yield path, n, row
                         continue
                     except DataError as exc:
                         err = exc
                 bad.append((path, n, err.message))
             result.lines = n
+        result.seconds["read"] = result.seconds.get("read", 0.0) + spent
 
     assert _WORKER is not None
     _WORKER.process(rows(), result)
@@ -833,7 +839,7 @@ class Pipeline:
         steps["read"].removed = rep.rows_bad
         steps["read"].seconds += self._main_seconds["read"]
         # the main process's ordered decisions (duplicate look-ups, counting, writing)
-        steps["dedup"].seconds += self._main_seconds["decide"]
+        rep.main_seconds = round(self._main_seconds["decide"], 3)
         steps["normalize"].enabled = s.normalize
         steps["length"].enabled = bool(s.min_chars or s.max_chars or s.min_tokens or s.max_tokens
                                        or steps["length"].removed)

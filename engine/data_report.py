@@ -103,7 +103,8 @@ class DataReport:
     labels: dict[str, int] = field(default_factory=dict)
     split_labels: dict[str, dict[str, int]] = field(default_factory=dict)
     outputs: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time
+    main_seconds: float = 0.0  # CPU of the main process's ordered decisions (steps 3-8)
     workers: int = 1
     warnings: list[str] = field(default_factory=list)
 
@@ -157,6 +158,9 @@ class DataReport:
                     continue
                 add(f"  {s.name:<12} {s.removed:>9,} {s.changed:>9,} {s.seconds:>7.2f}"
                     + (f"  {s.note}" if s.note else ""))
+            if self.main_seconds:
+                add(f"  {'(ordering)':<12} {'':>9} {'':>9} {self.main_seconds:>7.2f}  main process: "
+                    "duplicate look-ups, counting, writing")
             add(f"  => train {self.train_rows:,} rows, validation {self.validation_rows:,} rows")
             for name, path in self.outputs.items():
                 add(f"     {name}: {path}")
