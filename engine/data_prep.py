@@ -637,14 +637,15 @@ class Pipeline:
         pool = None
         try:
             for role, src in inputs:
-                self._first_format(src)
+                if not self._first_format(src):
+                    continue  # skip mode: a file without a usable row only adds bad rows
                 if pool is None and workers > 1:
                     pool = self._pool(workers, lsh)
-                good, bad = rep.rows_read - rep.rows_bad, len(rep.bad_examples)
                 self._consume(self._chunks(src, pool, lsh), state, role, handles.get(role))
-                if rep.rows_read - rep.rows_bad == good:
-                    first = f"; first: {rep.bad_examples[bad]}" if len(rep.bad_examples) > bad else ""
-                    raise DataError(src, None, f"no usable rows{first}")
+            if rep.rows_read == rep.rows_bad:
+                first = f"; first: {rep.bad_examples[0]}" if rep.bad_examples else ""
+                where = ", ".join(s.train)
+                raise DataError(where, None, f"no usable rows ({rep.rows_bad:,} bad{first})")
         finally:
             if pool is not None:
                 pool.shutdown(cancel_futures=True)
@@ -673,8 +674,9 @@ class Pipeline:
         return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_init_worker, initargs=(self._ctx(lsh),))
 
-    def _first_format(self, src: str) -> None:
-        """Resolve the format (and check it against the method) on the first usable row."""
+    def _first_format(self, src: str) -> bool:
+        """Resolve the format (and check it against the method) on the first usable row.
+        False when the source has none (with on_bad_rows: skip; fail raises)."""
         errors: list[DataError] = []
         rows = iter_raw_rows(src, errors if self.s.on_bad_rows == "skip" else None, self.s.text_split)
         try:
@@ -682,10 +684,14 @@ class Pipeline:
         finally:
             rows.close()
         if first is None:
-            raise no_rows_error(src, errors)
+            if self.s.on_bad_rows == "fail" or not errors:
+                raise no_rows_error(src, errors)
+            self._bad_rows([(e.file, e.line, e.message) for e in errors], len(errors))
+            return False
         self.format = resolve_format(first, self.s.method, self.format, self.s.columns)
         self.report.format = self.format
         self.report.method = self.s.method or FORMAT_METHOD[self.format]
+        return True
 
     def _chunks(self, src: str, pool, lsh) -> Iterator[ChunkResult]:
         global _WORKER

@@ -350,3 +350,28 @@ def test_parallel_workers_give_the_same_result_and_line_numbers(tmp_path: Path, 
         f"{f}:451: not valid JSON: Expecting property name enclosed in double quotes at column 2"]
     assert one.report.duplicate_examples == two.report.duplicate_examples
     assert two.report.duplicate_examples[0] == f"{f}:602 repeats {f}:1"
+
+
+def test_folders_text_csv_and_parquet_go_through_the_pipeline(tmp_path: Path) -> None:
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text(f"{words(30, 1)}\n\n{words(30, 2)}\n\n\n{words(30, 1)}\n")
+    (docs / "b.md").write_text(f"# Title\n{words(30, 3)}\n")
+    (docs / "empty.txt").write_text("")
+    rep = prepare(settings_for(docs, method="cpt", text_split="blank_lines", dedup=True), tmp_path / "ws").report
+    assert (rep.rows_read, rep.rows_bad, rep.duplicates, rep.rows_out) == (5, 1, 1, 3)
+    assert rep.bad_examples == [f"{docs / 'empty.txt'}: the file is empty"]
+    with pytest.raises(DataError, match="the file is empty"):
+        prepare(settings_for(docs, method="cpt", on_bad_rows="fail"), tmp_path / "ws")
+    rows = sft_rows(12)
+    (tmp_path / "d.csv").write_text("prompt,completion,topic\n" + "".join(
+        f"{r['prompt']},{r['completion']},{r['topic']}\n" for r in rows))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    a = prepare(settings_for(tmp_path / "d.csv", label_column="topic", validation_split=0.5), tmp_path / "ws")
+    b = prepare(settings_for(tmp_path / "d.parquet", label_column="topic", validation_split=0.5), tmp_path / "ws")
+    assert a.fingerprint != b.fingerprint  # different bytes
+    assert (a.directory / "train.jsonl").read_text() == (b.directory / "train.jsonl").read_text()
+    assert a.report.split_labels == {"train": {"a": 3, "b": 3}, "validation": {"a": 3, "b": 3}}
