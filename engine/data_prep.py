@@ -963,10 +963,12 @@ def prepare(settings: PrepSettings, workspace: str | Path, *, file_hashes: dict[
         rep.fingerprint = fp
         rep.outputs = {k: str(final / Path(v).name) for k, v in rep.outputs.items()}
         (work / "report.json").write_text(json.dumps(rep.to_dict(), indent=1))
-        if final.exists():  # prepared meanwhile by another process: same content
-            shutil.rmtree(work)
-        else:
+        try:
             os.replace(work, final)
+        except OSError:
+            if not (final / "report.json").is_file():
+                raise
+            shutil.rmtree(work)  # prepared meanwhile by another process (a rank): same content
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
