@@ -297,7 +297,7 @@ def write_transaction(db: HistoryDB) -> Iterator[HistoryDB]:
 def _rows(db: HistoryDB, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[dict]:
     cur = db.conn.execute(sql, params)
     keys = [d[0] for d in cur.description]
-    return [dict(zip(keys, row)) for row in cur.fetchall()]
+    return [dict(zip(keys, row, strict=True)) for row in cur.fetchall()]
 
 
 def stall_minutes_default() -> float:
@@ -892,13 +892,17 @@ class RunRecorder:
         run["last_event_at"] = t if last_t is None else max(last_t, t)
         if step is not None and step >= (run.get("last_step") or 0):
             run["last_step"] = step
-        if kind in ("step", "eval"):
+        if kind in ("step", "eval", "infer"):
+            # Inference figures (tokens/s, latency) must not mix with training's of the same name.
+            prefix = "infer_" if kind == "infer" else ""
+            at = step if step is not None else run.get("last_step")
             for name, value in ev.items():
                 if name in _STEP_NOT_METRICS:
                     continue
                 number = _number(value)
                 if number is not None:
-                    self._metrics.append((self.run_id, step, name, number, t))
+                    name = name if name.startswith(prefix) else prefix + name
+                    self._metrics.append((self.run_id, at, name, number, t))
         if kind == "start":
             for col in ("world_size", "method", "adapter", "zero_stage", "model", "total_steps"):
                 if ev.get(col) is not None:

@@ -570,15 +570,29 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
         tokenizer.save_pretrained(model_dir)
         if p.method.merge_adapter and peft_config is not None:
             merge_adapter(p, model_dir, tokenizer, dtype)
-    wall = time.time() - t_start
+    # Held-out metrics of the saved model (and the base model with evaluation.baseline), then
+    # the profile's inference stage; both are collective: every rank calls them.
+    from engine.evaluate import evaluate_after_training
+    from engine.infer import run_inference_stage
+
+    if p.deepspeed.zero_stage == 3:
+        # The Trainer registered its ZeRO-3 config globally, so every later from_pretrained
+        # would build partitioned placeholders; evaluation loads plain models from model/.
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+    evaluation = evaluate_after_training(trainer, p, run_dir, val_rows, events)
+    inference = run_inference_stage(p, run_dir, events)
     tokens = state.num_input_tokens_seen or 0
-    train_time = callback.compute_s or result.metrics.get("train_runtime") or wall
+    train_time = callback.compute_s or result.metrics.get("train_runtime") or (time.time() - t_start)
     summary = {
         "steps": state.global_step, "final_loss": callback.last_loss,
         "final_eval_loss": callback.last_eval, "best_eval_loss": callback.best_eval,
         "perplexity": _ppl(callback.last_eval) if kind != "dpo" else None,
         "tokens_per_s": tokens / train_time if tokens and train_time else None,
-        "train_time": train_time, "wall_time": wall, "model_dir": str(model_dir),
+        "train_time": train_time, "wall_time": time.time() - t_start, "model_dir": str(model_dir),
+        "evaluation": {k: v for k, v in evaluation.items() if isinstance(v, (int, float))} or None,
+        "inference": {k: v for k, v in inference.items() if isinstance(v, (int, float, str))} or None,
     }
     if events:
         events.emit("done", summary=summary)

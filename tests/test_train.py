@@ -270,7 +270,7 @@ def test_cpt_without_packing_pads_and_learns_to_end_documents(tmp_path: Path) ->
     profile = tiny_profile(tmp_path, "cpt", data={"packing": False},
                            training={"max_steps": 8, "lr": 3.0e-3, "eval_every": 4})
     ws, r = run_profile(tmp_path, profile)
-    run, events = check_completed_run(ws, r)
+    _, events = check_completed_run(ws, r)
     losses = eval_losses(events)
     assert losses[-1] < losses[0]
     assert events[0]["train_rows"] == 108
@@ -288,3 +288,25 @@ def test_run_warns_before_launch_when_the_estimate_says_it_will_not_fit(tmp_path
     assert not any(w.startswith("memory:") for w in roomy.warnings)
     launch = json.loads((roomy.run_dir / "launch.json").read_text())
     assert launch["estimate"]["gpu_peak_bytes"] > 0 and launch["estimate"]["fits"] is True
+
+
+def test_inference_stage_after_training_is_recorded(tmp_path: Path) -> None:
+    from tests.conftest import write_jsonl
+
+    write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"How should passwords be stored? ({i})"} for i in range(3)])
+    profile = tiny_profile(tmp_path, "sft", training={"max_steps": 4},
+                           inference={"mode": "zero", "prompts": "prompts.jsonl", "max_new_tokens": 4,
+                                      "batch_size": 2})
+    ws, r = run_profile(tmp_path, profile)
+    run, events = check_completed_run(ws, r)
+    gens = [json.loads(x) for x in (Path(run["run_dir"]) / "generations.jsonl").read_text().split("\n") if x]
+    assert [g["prompt"] for g in gens] == [f"How should passwords be stored? ({i})" for i in range(3)]
+    infer = [e for e in events if e["event"] == "infer"]
+    assert infer and infer[0]["mode"] == "zero"
+    db = history.open_db(db_path(ws))
+    try:
+        metrics = history.run_metrics(db, run["id"], names=["infer_tokens_per_s", "tokens_per_s"])
+    finally:
+        db.close()
+    assert metrics["infer_tokens_per_s"][0][1] > 0
+    assert len(metrics["tokens_per_s"]) == 4  # training throughput stays apart from inference's
