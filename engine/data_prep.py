@@ -367,7 +367,9 @@ class TokenCounter:
 
                 self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
             except Exception as exc:  # transformers raises many kinds for a bad folder
-                raise PrepError(f"cannot load a tokenizer from {path}: {exc}") from None
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise PrepError(f"cannot load a tokenizer from {path}: {first} (give a folder with "
+                                "tokenizer.json, the file itself, or a model in the local cache)") from None
             self._fast = False
 
     def count(self, texts: list[str]) -> list[int]:
@@ -619,6 +621,8 @@ class Pipeline:
         if (s.min_tokens or s.max_tokens) and not s.tokenizer:
             raise PrepError("data.prep.min_tokens/max_tokens need a tokenizer: set model.tokenizer, or a "
                             "local model.path with tokenizer.json (or use min_chars/max_chars)")
+        if s.tokenizer:
+            TokenCounter(s.tokenizer)  # a bad tokenizer is bad input, reported before any work
         inputs = input_files(s)
         total_bytes = sum(Path(src).stat().st_size for _, src in inputs
                           if not is_hub_name(src) and Path(src).is_file())

@@ -76,6 +76,10 @@ def test_inspect_bad_input_exits_2_with_a_located_message(tmp_path: Path) -> Non
     r = zerotune("data", "inspect", str(t), "--format", "csv")
     assert r.returncode == 2
     no_traceback(r)
+    r = zerotune("data", "inspect", str(t), "--tokenizer", str(tmp_path / "no-such-tokenizer"),
+                 env={"HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "cannot load a tokenizer from" in r.stderr
+    no_traceback(r)
 
 
 def test_prep_writes_reports_and_hits_the_cache(tmp_path: Path) -> None:
