@@ -350,6 +350,9 @@ class MemoryStep(WizardStep):
             note = f"Your choice (*) does not fit: {cur_row.why_not}."
         else:
             note = "* your choice; Enter on a row picks it. GiB; time per optimizer step is rough."
+        if not self.draft.get("deepspeed.nvme_path") and any(
+                "nvme" in (r.offload_optimizer, r.offload_param) for r in plan.rows):
+            note += " NVMe rows need an NVMe path."
         self.query_one("#mem-note", Static).update(note)
 
     # --- picking an option --------------------------------------------------------------------
