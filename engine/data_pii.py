@@ -113,24 +113,28 @@ _PRIVATE_KEY = re.compile(
     r"(?:(?:\s|\\n)*[A-Za-z-]+: [^\n\\]*)*(?:\s|\\n)*[A-Za-z0-9+/]{20,}[A-Za-z0-9+/=\s\\]*"
     r"(?:-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----)?")
 _URL_CREDENTIALS = re.compile(r"[^\s:/@'\"<>]{1,64}:(?P<v>[^\s@/'\"<>]{1,128})@(?=[A-Za-z0-9\[])")
-# Tokens with a fixed prefix: each prefix is found with str.find and the expression is matched
-# there, so text without the prefix costs one substring search.
-_TOKENS: tuple[tuple[str, str, re.Pattern[str], int], ...] = (
-    ("JWT", "eyJ", re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"), 0),
-    ("AWS_ACCESS_KEY", "A", re.compile(r"A(?:KIA|SIA|BIA|CCA|GPA|IDA|IPA|NPA|NVA|PKA|ROA|SCA)[A-Z0-9]{16}(?![A-Za-z0-9])"), 0),
-    ("GITHUB_TOKEN", "gh", re.compile(r"gh[pousr]_[A-Za-z0-9]{36,255}(?!\w)"), 0),
-    ("GITHUB_TOKEN", "github_pat_", re.compile(r"github_pat_[A-Za-z0-9_]{22,255}"), 0),
-    ("SLACK_TOKEN", "xox", re.compile(r"xox[abposre]-[A-Za-z0-9-]{10,250}"), 0),
-    ("SLACK_TOKEN", "xapp-", re.compile(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+"), 0),
-    ("SLACK_TOKEN", "https://hooks.slack.com/",
-     re.compile(r"https://hooks\.slack\.com/services/T[A-Za-z0-9]+/B[A-Za-z0-9]+/[A-Za-z0-9]+"), 0),
-    ("API_KEY", "sk-", re.compile(r"sk-(?:proj-|ant-(?:api\d\d-)?|or-v1-|live-|svcacct-)?[A-Za-z0-9_-]{20,}"), 3),
-    ("API_KEY", "k_", re.compile(r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}"), 3),
-    ("API_KEY", "AIza", re.compile(r"AIza[0-9A-Za-z_-]{35}(?![\w-])"), 3),
-    ("API_KEY", "hf_", re.compile(r"hf_[A-Za-z0-9]{30,}(?!\w)"), 3),
-    ("API_KEY", "glpat-", re.compile(r"glpat-[A-Za-z0-9_-]{20,}"), 3),
-    ("API_KEY", "npm_", re.compile(r"npm_[A-Za-z0-9]{36}(?!\w)"), 3),
-)
+# Tokens with a fixed prefix: all prefixes (and the other anchors below) are found in one pass of
+# an Aho-Corasick automaton, and each expression is matched only where its prefix occurs.
+_AWS = re.compile(r"A(?:KIA|SIA|BIA|CCA|GPA|IDA|IPA|NPA|NVA|PKA|ROA|SCA)[A-Z0-9]{16}(?![A-Za-z0-9])")
+_GITHUB = re.compile(r"gh[pousr]_[A-Za-z0-9]{36,255}(?!\w)")
+_STRIPE = re.compile(r"[rs]k_(?:live|test)_[A-Za-z0-9]{16,}")
+_TOKENS: dict[str, tuple[str, re.Pattern[str], int]] = {  # prefix: kind, expression, classes
+    "eyJ": ("JWT", re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]*"), 0),
+    **{p: ("AWS_ACCESS_KEY", _AWS, 0) for p in ("AKIA", "ASIA", "ABIA", "ACCA", "AGPA", "AIDA", "AIPA",
+                                                "ANPA", "ANVA", "APKA", "AROA", "ASCA")},
+    **{p: ("GITHUB_TOKEN", _GITHUB, 0) for p in ("ghp_", "gho_", "ghu_", "ghs_", "ghr_")},
+    "github_pat_": ("GITHUB_TOKEN", re.compile(r"github_pat_[A-Za-z0-9_]{22,255}"), 0),
+    "xox": ("SLACK_TOKEN", re.compile(r"xox[abposre]-[A-Za-z0-9-]{10,250}"), 0),
+    "xapp-": ("SLACK_TOKEN", re.compile(r"xapp-\d-[A-Z0-9]+-\d+-[a-z0-9]+"), 0),
+    "https://hooks.slack.com/": ("SLACK_TOKEN", re.compile(
+        r"https://hooks\.slack\.com/services/T[A-Za-z0-9]+/B[A-Za-z0-9]+/[A-Za-z0-9]+"), 0),
+    "sk-": ("API_KEY", re.compile(r"sk-(?:proj-|ant-(?:api\d\d-)?|or-v1-|live-|svcacct-)?[A-Za-z0-9_-]{20,}"), 3),
+    **{p: ("API_KEY", _STRIPE, 3) for p in ("sk_live_", "sk_test_", "rk_live_", "rk_test_")},
+    "AIza": ("API_KEY", re.compile(r"AIza[0-9A-Za-z_-]{35}(?![\w-])"), 3),
+    "hf_": ("API_KEY", re.compile(r"hf_[A-Za-z0-9]{30,}(?!\w)"), 3),
+    "glpat-": ("API_KEY", re.compile(r"glpat-[A-Za-z0-9_-]{20,}"), 3),
+    "npm_": ("API_KEY", re.compile(r"npm_[A-Za-z0-9]{36}(?!\w)"), 3),
+}
 # After a keyword (found in the lower-cased text): ``key = value`` and friends. A value ends at
 # whitespace, quotes, brackets or an ``&name=`` that starts the next URL parameter.
 _ASSIGNED = re.compile(r"(?i:[_-]?(?:access[_-]?)?key(?:[_-]?id)?|[_-]?string)?[\"']?\s*(?:[:=]|=>)\s*[\"']?"
@@ -156,61 +160,62 @@ _PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}(?:[ .-]?\(?\d{1,5}\)?){2,5}|(?:\([2
 _PHONE_LABELLED = re.compile(r"(?<![\w+])\+?\(?\d[\d ()./-]{5,18}\d(?![\w-]|\.\d)")
 
 
+def _automaton(words):
+    import ahocorasick
+
+    a = ahocorasick.Automaton()
+    for w in words:
+        a.add_word(w, (w, len(w) - 1))
+    a.make_automaton()
+    return a
+
+
+_ANCHORS = _automaton([*_TOKENS, "PRIVATE KEY", "://", "@", "::"])
+_KEYWORDS = _automaton([*_ASSIGN_KEYWORDS, *_AUTH_WORDS])
+_ASCII_LOWER = {c: c + 32 for c in range(65, 91)}
+
+
+def _anchors(automaton, text: str) -> dict[str, list[int]]:
+    """Start positions of every anchor word in ``text`` (one pass)."""
+    found: dict[str, list[int]] = {}
+    for end, (word, back) in automaton.iter(text):
+        found.setdefault(word, []).append(end - back)
+    return found
+
+
 def _find_private_keys(text: str) -> Iterator[Span]:
-    if "PRIVATE KEY" in text:
-        for m in _PRIVATE_KEY.finditer(text):
-            yield m.start(), m.end(), "PRIVATE_KEY"
+    for m in _PRIVATE_KEY.finditer(text):
+        yield m.start(), m.end(), "PRIVATE_KEY"
 
 
-def _find_url_passwords(text: str) -> Iterator[Span]:
-    pos = text.find("://")
-    while pos >= 0:
+def _find_url_passwords(text: str, positions: list[int]) -> Iterator[Span]:
+    for pos in positions:
         m = _URL_CREDENTIALS.match(text, pos + 3)
         if m and not _PLACEHOLDER_VALUE.match(m.group("v")):
             yield m.start("v"), m.end("v"), "PASSWORD"
-        pos = text.find("://", pos + 3)
 
 
-def _find_tokens(text: str) -> Iterator[Span]:
-    # prose rarely has "_" and often no "-" or "://": skip the prefixes that need them
-    has = {"_": "_" in text, "-": "-" in text, "/": "://" in text}
-    for kind, prefix, pattern, classes in _TOKENS:
-        if ("_" in prefix and not has["_"]) or ("-" in prefix and not has["-"]) or ("/" in prefix and not has["/"]):
+def _find_tokens(text: str, anchors: dict[str, list[int]]) -> Iterator[Span]:
+    for prefix, positions in anchors.items():
+        token = _TOKENS.get(prefix)
+        if token is None:
             continue
-        if len(prefix) <= 2:  # a short common prefix: let the expression scan (it starts with it)
-            matches = pattern.finditer(text)
-        else:
-            matches = _matches_at(text, prefix, pattern)
-        for m in matches:
-            start = m.start()
-            if not _word_char(text, start - 1) and (not classes or _mixed(m.group(0), classes)):
-                yield start, m.end(), kind
+        kind, pattern, classes = token
+        for pos in positions:
+            m = pattern.match(text, pos)
+            if m and not _word_char(text, pos - 1) and (not classes or _mixed(m.group(0), classes)):
+                yield pos, m.end(), kind
 
 
-def _matches_at(text: str, prefix: str, pattern: re.Pattern[str]) -> Iterator[re.Match[str]]:
-    pos = text.find(prefix)
-    while pos >= 0:
-        m = pattern.match(text, pos)
+def _find_assignments(text: str, low: str, keyword: str, positions: list[int]) -> Iterator[Span]:
+    for pos in positions:
+        if keyword == "key" and not _KEY_PREFIX.search(low, max(0, pos - 8), pos):
+            continue
+        m = _ASSIGNED.match(text, pos + len(keyword))
         if m:
-            yield m
-        pos = text.find(prefix, pos + 1)
-
-
-def _find_assignments(text: str, low: str) -> Iterator[Span]:
-    for keyword in _ASSIGN_KEYWORDS:
-        pos = low.find(keyword)
-        while pos >= 0:
-            end = pos + len(keyword)
-            nxt = pos + 1
-            if keyword == "key" and not _KEY_PREFIX.search(low, max(0, pos - 8), pos):
-                pos = low.find(keyword, nxt)
-                continue
-            m = _ASSIGNED.match(text, end)
-            if m:
-                span = _assignment(m, keyword, low, pos)
-                if span:
-                    yield span
-            pos = low.find(keyword, nxt)
+            span = _assignment(m, keyword, low, pos)
+            if span:
+                yield span
 
 
 def _assignment(m: re.Match[str], keyword: str, low: str, pos: int) -> Span | None:
@@ -230,25 +235,20 @@ def _assignment(m: re.Match[str], keyword: str, low: str, pos: int) -> Span | No
     return (start, start + len(v), "API_KEY") if len(v) >= 12 and _mixed(v) else None
 
 
-def _find_auth(text: str, low: str) -> Iterator[Span]:
-    for word in _AUTH_WORDS:
-        pos = low.find(word)
-        while pos >= 0:
-            m = _AUTH.match(text, pos)
-            if m and _mixed(m.group("v")) and not _PLACEHOLDER_VALUE.match(m.group("v")):
-                yield m.start("v"), m.end("v"), "BEARER_TOKEN"
-            pos = low.find(word, pos + 1)
+def _find_auth(text: str, positions: list[int]) -> Iterator[Span]:
+    for pos in positions:
+        m = _AUTH.match(text, pos)
+        if m and _mixed(m.group("v")) and not _PLACEHOLDER_VALUE.match(m.group("v")):
+            yield m.start("v"), m.end("v"), "BEARER_TOKEN"
 
 
-def _find_emails(text: str) -> Iterator[Span]:
-    pos = text.find("@")
-    while pos >= 0:
+def _find_emails(text: str, positions: list[int]) -> Iterator[Span]:
+    for pos in positions:
         local = _EMAIL_LOCAL.search(text, max(0, pos - 64), pos)
         if local and not _word_char(text, local.start() - 1) and text[local.start() - 1:local.start()] not in ".+-":
             dom = _EMAIL_DOMAIN.match(text, pos + 1)
             if dom and dom.group(0).rsplit(".", 1)[-1].lower() not in _FILE_TLDS:
                 yield local.start(), dom.end(), "EMAIL"
-        pos = text.find("@", pos + 1)
 
 
 def _ipv6_candidates(text: str) -> Iterator[re.Match[str]]:
@@ -342,7 +342,6 @@ def _find_numbers(text: str) -> Iterator[Span]:
 
 
 _PRIORITY = {kind: i for i, kind in enumerate(KINDS)}
-_KEYWORDS = ("passw", "pwd", "secret", "token", "key", "bearer", "authoriz")
 
 
 class Scrubber:
@@ -354,16 +353,24 @@ class Scrubber:
     def find(self, text: str) -> list[Span]:
         """Non-overlapping spans of personal data and secrets, in text order."""
         spans: list[Span] = []
-        spans += _find_private_keys(text)
-        spans += _find_url_passwords(text)
-        spans += _find_tokens(text)
+        anchors = _anchors(_ANCHORS, text)
+        if anchors:
+            if "PRIVATE KEY" in anchors:
+                spans += _find_private_keys(text)
+            if "://" in anchors:
+                spans += _find_url_passwords(text, anchors["://"])
+            spans += _find_tokens(text, anchors)
+            if "@" in anchors:
+                spans += _find_emails(text, anchors["@"])
         low = text.lower()
-        if any(n in low for n in _KEYWORDS):
-            spans += _find_assignments(text, low)
-            spans += _find_auth(text, low)
-        if "@" in text:
-            spans += _find_emails(text)
-        if "::" in text or text.count(":") >= 7:
+        if len(low) != len(text):  # a few characters lower-case to two: keep positions aligned
+            low = text.translate(_ASCII_LOWER)
+        for keyword, positions in _anchors(_KEYWORDS, low).items():
+            if keyword in _AUTH_WORDS:
+                spans += _find_auth(text, positions)
+            else:
+                spans += _find_assignments(text, low, keyword, positions)
+        if "::" in anchors or text.count(":") >= 7:
             spans += _find_ipv6(text)
         spans += _find_numbers(text)
         if not spans:
