@@ -297,7 +297,8 @@ class _Sketcher:
         self.mult = (rng.randint(1, 1 << 62, size=rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
         self.band_salt = np.arange(bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
 
-    def band_keys(self, text: str) -> list[int] | None:
+    def band_keys(self, text: str):
+        """The band keys (a uint64 array), or None for a text without words."""
         np = self.np
         words = text.lower().encode("utf-8", "surrogatepass").split()
         if not words:
@@ -309,8 +310,7 @@ class _Sketcher:
         m.clear()
         m.update_batch(h.tolist())
         hv = m.hashvalues[: self.bands * self.rows].astype(np.uint64).reshape(self.bands, self.rows)
-        keys = (hv * self.mult).sum(axis=1, dtype=np.uint64) + self.band_salt
-        return keys.tolist()
+        return (hv * self.mult).sum(axis=1, dtype=np.uint64) + self.band_salt
 
 
 def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
@@ -392,6 +392,10 @@ class ChunkResult:
     read: int = 0
     normalized: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
+    # per row, as arrays: unpickling millions of big Python ints would cost the main process
+    hashes: Any = None  # uint64 [rows]
+    bands: Any = None  # uint64 [rows, bands], or None without near-duplicate detection
+    no_bands: list[int] = field(default_factory=list)  # rows without words (no band keys)
 
 
 # Row tuple fields
@@ -488,6 +492,16 @@ class RowProcessor:
             for r, n in zip(pending, counts, strict=True):
                 r[R_TOKENS] = n
             t["length"] = t.get("length", 0.0) + (clock() - t0)
+        import numpy as np
+
+        result.hashes = np.fromiter((r[R_HASH] for r in pending), dtype=np.uint64, count=len(pending))
+        if self.sketcher is not None:
+            zero = np.zeros(self.sketcher.bands, dtype=np.uint64)
+            result.no_bands = [i for i, r in enumerate(pending) if r[R_BANDS] is None]
+            result.bands = (np.stack([zero if r[R_BANDS] is None else r[R_BANDS] for r in pending])
+                            if pending else np.zeros((0, self.sketcher.bands), dtype=np.uint64))
+        for r in pending:
+            r[R_HASH] = r[R_BANDS] = None
         result.rows.extend(tuple(r[:-1]) for r in pending)
 
 
@@ -771,7 +785,12 @@ class Pipeline:
             for k, v in res.seconds.items():
                 steps[k].seconds += v
             t0 = clock()
-            for r in res.rows:
+            hashes = res.hashes.tolist() if res.hashes is not None else []
+            bands = res.bands.tolist() if res.bands is not None else None
+            if bands is not None:
+                for i in res.no_bands:
+                    bands[i] = None
+            for i, r in enumerate(res.rows):
                 line = r[R_LINE] + line_base if res.relative else r[R_LINE]
                 chars = r[R_CHARS]
                 exact_tokens = r[R_TOKENS]
@@ -781,7 +800,7 @@ class Pipeline:
                                                           or (s.max_tokens and tokens > s.max_tokens)))):
                     length.removed += 1
                     continue
-                h = r[R_HASH]
+                h = hashes[i]
                 first = st.seen.get(h)
                 if first is not None:
                     rep.duplicates += 1
@@ -797,7 +816,8 @@ class Pipeline:
                         fid = file_ids[r[R_FILE]] = len(st.files)
                         st.files.append(r[R_FILE])
                     st.seen[h] = (fid << 40) | line
-                    if r[R_BANDS] is not None and st.near is not None and st.near.seen_or_add(r[R_BANDS]):
+                    keys = bands[i] if bands is not None else None
+                    if keys is not None and st.near is not None and st.near.seen_or_add(keys):
                         rep.near_duplicates += 1
                         if len(rep.near_duplicate_examples) < EXAMPLES_PER_KIND:
                             rep.near_duplicate_examples.append(f"{r[R_FILE]}:{line}: {_snippet(r)}")
