@@ -699,6 +699,8 @@ class Pipeline:
         rows = iter_raw_rows(src, errors if self.s.on_bad_rows == "skip" else None, self.s.text_split)
         try:
             first = next(rows, None)
+        except DataError as exc:
+            raise _with_hint(exc) from None
         finally:
             rows.close()
         if first is None:
@@ -739,7 +741,14 @@ class Pipeline:
         errors: list[DataError] = []
         batch: list[tuple[str, int, dict[str, Any]]] = []
         t0 = time.process_time()
-        for row in iter_raw_rows(src, errors if self.s.on_bad_rows == "skip" else None, self.s.text_split):
+        rows = iter_raw_rows(src, errors if self.s.on_bad_rows == "skip" else None, self.s.text_split)
+        while True:
+            try:
+                row = next(rows, None)
+            except DataError as exc:
+                raise _with_hint(exc) from None
+            if row is None:
+                break
             batch.append((row.file, row.line, row.data))
             if errors:
                 self._bad_rows([(e.file, e.line, e.message) for e in errors], len(errors))
@@ -760,9 +769,7 @@ class Pipeline:
             return
         rep = self.report
         if self.s.on_bad_rows == "fail":
-            file, line, msg = bad[0]
-            raise DataError(file, line, f"{msg} (fix the row, or set data.on_bad_rows: skip to leave "
-                            "bad rows out)")
+            raise _with_hint(DataError(*bad[0]))
         rep.rows_bad += count
         rep.rows_read += count
         for file, line, msg in bad:
@@ -920,6 +927,14 @@ class Pipeline:
                     os.unlink(tmp["validation"])
             rep.outputs = {"train": str(train_path), "validation": str(val_path)}
         steps["split"].seconds += time.process_time() - t0
+
+
+def _with_hint(exc: DataError) -> DataError:
+    """A bad row under on_bad_rows: fail, with what to do about it."""
+    if exc.line is None:
+        return exc
+    return DataError(exc.file, exc.line, f"{exc.message} (fix the row, or set data.on_bad_rows: skip "
+                     "to leave bad rows out)")
 
 
 def _snippet(r: tuple) -> str:
