@@ -484,13 +484,17 @@ def _combination_problems(p: Profile, lp: LoadedProfile) -> list[Problem]:
 def _path_problems(p: Profile, lp: LoadedProfile) -> list[Problem]:
     out: list[Problem] = []
     trains = p.data.train if isinstance(p.data.train, list) else [p.data.train]
+    from engine.data_formats import is_hub_name
+
     for i, t in enumerate(trains):
+        if is_hub_name(t):
+            continue  # a hub dataset: read at preparation time (needs network)
         path = lp.resolve_path(t)
         key = "data.train" if isinstance(p.data.train, str) else f"data.train.{i}"
         if path is not None and not path.exists():
             out.append(Problem(key, f"file not found: {path}"))
     for key, value in (
-        ("data.validation", p.data.validation),
+        ("data.validation", None if is_hub_name(p.data.validation or "") else p.data.validation),
         ("inference.prompts", p.inference.prompts),
         ("resources.hostfile", p.resources.hostfile),
         ("data.prep.blocklist", p.data.prep.blocklist),
@@ -604,13 +608,16 @@ def load_profile(
 def resolved_paths(lp: LoadedProfile) -> Profile:
     """A copy of the profile whose local paths are absolute (for freezing into a run)."""
     p = lp.profile.model_copy(deep=True)
+    from engine.data_formats import is_hub_name
+
     d = p.data
-    if isinstance(d.train, list):
-        d.train = [str(lp.resolve_path(x)) for x in d.train]
-    else:
-        d.train = str(lp.resolve_path(d.train))
+
+    def local(value: str) -> str:
+        return value if is_hub_name(value) else str(lp.resolve_path(value))
+
+    d.train = [local(x) for x in d.train] if isinstance(d.train, list) else local(d.train)
     if d.validation:
-        d.validation = str(lp.resolve_path(d.validation))
+        d.validation = local(d.validation)
     if d.prep.blocklist:
         d.prep.blocklist = str(lp.resolve_path(d.prep.blocklist))
     if p.inference.prompts:

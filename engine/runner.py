@@ -45,7 +45,7 @@ def file_sha256(path: Path) -> str:
 
 
 def data_fingerprints(lp: LoadedProfile) -> dict[str, str]:
-    from engine.data_formats import data_files
+    from engine.data_formats import data_files, is_hub_name
 
     d = lp.profile.data
     paths = d.train if isinstance(d.train, list) else [d.train]
@@ -53,6 +53,8 @@ def data_fingerprints(lp: LoadedProfile) -> dict[str, str]:
         paths = [*paths, d.validation]
     out: dict[str, str] = {}
     for value in paths:
+        if is_hub_name(value):
+            continue  # fingerprinted by preparation from what it streams
         path = lp.resolve_path(value)
         if path is None or not path.exists():
             continue
@@ -61,9 +63,17 @@ def data_fingerprints(lp: LoadedProfile) -> dict[str, str]:
     return out
 
 
-def combined_fingerprint(prints: dict[str, str]) -> str:
-    blob = json.dumps(sorted(prints.values())).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+def prepare_data(lp: LoadedProfile, workspace: Path, prints: dict[str, str]):
+    """Run the profile's data preparation (or find it in the cache) before anything launches,
+    so bad data stops the run here with file, line and reason; the ranks then read the cache."""
+    from engine.data_formats import DataError
+    from engine.data_prep import PrepSettings, prepare
+
+    try:
+        return prepare(PrepSettings.from_profile(lp), workspace, file_hashes=prints)
+    except DataError as exc:
+        file = str(lp.source) if lp.source else None
+        raise ProfileError([Problem("data.train", str(exc), file)], file) from None
 
 
 def _version(dist: str) -> str | None:
@@ -84,7 +94,8 @@ def git_commit(path: Path) -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def environment(lp: LoadedProfile, placement: Placement, prints: dict[str, str]) -> dict[str, Any]:
+def environment(lp: LoadedProfile, placement: Placement, prints: dict[str, str],
+                prepared: Any) -> dict[str, Any]:
     from engine.hardware import local_gpus
 
     gpus = local_gpus()
@@ -99,7 +110,14 @@ def environment(lp: LoadedProfile, placement: Placement, prints: dict[str, str])
         "git_commit": git_commit(lp.base_dir),
         "profile_source": str(lp.source) if lp.source else None,
         "data_files": prints,
-        "data_fingerprint": combined_fingerprint(prints),
+        # Input bytes + preparation settings: the same fingerprint means the same training data.
+        "data_fingerprint": prepared.fingerprint,
+        "data_prep": {"cache": str(prepared.directory), "format": prepared.report.format,
+                      "rows_read": prepared.report.rows_read, "rows_bad": prepared.report.rows_bad,
+                      "train_rows": prepared.report.train_rows,
+                      "validation_rows": prepared.report.validation_rows,
+                      "steps": {st.name: {"removed": st.removed, "changed": st.changed}
+                                for st in prepared.report.steps if st.enabled}},
         "created_at": time.time(),
     }
 
@@ -178,6 +196,9 @@ def prepare_run(
             for pr in problems:
                 pr.file = file
             raise ProfileError(problems, file)
+    prints = data_fingerprints(lp)
+    prepared = prepare_data(lp, runs_dir.parent, prints)
+    warnings += prepared.report.warnings
     run_id = run_id or new_run_id()
     run_dir = (runs_dir / run_id).resolve()
     run_dir.mkdir(parents=True, exist_ok=node_rank not in (None, 0))
@@ -185,8 +206,7 @@ def prepare_run(
     ds_config = build_ds_config(lp, placement)
     engine_args = ["--resume-from", str(resume_from)] if resume_from else []
     cmd = build_command(lp, placement, run_dir, node_rank=node_rank, engine_args=engine_args)
-    prints = data_fingerprints(lp)
-    env = environment(lp, placement, prints)
+    env = environment(lp, placement, prints, prepared)
     (run_dir / "profile.yaml").write_text(frozen.to_yaml())
     (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     (run_dir / "command.txt").write_text(cmd.shell() + "\n")

@@ -192,30 +192,15 @@ def lora_config(p: Profile):
 # --------------------------------------------------------------------------------------------
 
 
-def load_splits(p: Profile) -> tuple[str, list[dict], list[dict], int]:
-    """(format, train rows, validation rows, skipped rows), seeded split."""
-    import random
+def load_splits(p: Profile, run_dir: Path) -> tuple[str, list[dict], list[dict], int]:
+    """(format, train rows, validation rows, skipped rows): the prepared data of the run, from
+    the cache the run manager filled before launch (engine.data_prep)."""
+    from engine.data_prep import prepared_splits
 
-    from engine.data_formats import load_rows
-
-    d = p.data
-    trains = [Path(x) for x in (d.train if isinstance(d.train, list) else [d.train])]
-    fmt, rows, bad = load_rows(trains, p.method.kind, d.format, d.columns, d.on_bad_rows)
-    if d.validation:
-        _, val, bad_v = load_rows([Path(d.validation)], p.method.kind, fmt, d.columns, d.on_bad_rows)
-        bad += bad_v
-    elif d.validation_split > 0 and len(rows) > 1:
-        order = list(range(len(rows)))
-        random.Random(p.seed).shuffle(order)
-        n_val = max(1, round(len(rows) * d.validation_split))
-        val_idx = set(order[:n_val])
-        val = [r for i, r in enumerate(rows) if i in val_idx]
-        rows = [r for i, r in enumerate(rows) if i not in val_idx]
-    else:
-        val = []
+    fmt, train, val, skipped = prepared_splits(p, run_dir.parent.parent)
     if p.training.eval_max_rows:
         val = val[: p.training.eval_max_rows]
-    return fmt, rows, val, len(bad)
+    return fmt, train, val, skipped
 
 
 def cpt_dataset(rows: list[dict], tokenizer, max_len: int, packing: bool):
@@ -486,7 +471,7 @@ def _run(p: Profile, run_dir: Path, ds_config: dict, device: str, dtype: str,
     transformers.logging.set_verbosity_warning()
     t_start = time.time()
     set_seed(p.seed)
-    fmt, train_rows, val_rows, skipped = load_splits(p)
+    fmt, train_rows, val_rows, skipped = load_splits(p, run_dir)
     if skipped:
         pending_warnings.append(f"skipped {skipped} bad data row(s) (data.on_bad_rows: skip)")
     args = training_arguments(p, run_dir, ds_config, dtype, device, has_eval=bool(val_rows))
