@@ -51,7 +51,7 @@ def tiny_profile(tmp: Path, kind: str = "cpt", *, name: str | None = None, data_
     """Write a tiny runnable profile (and its data) into ``tmp``; sections override defaults."""
     data_kind = kind
     method = "sft" if kind == "chat" else kind
-    data = write_jsonl(tmp / f"{data_kind}.jsonl", sample_rows(data_kind, data_rows))
+    data = write_jsonl(tmp / f"{data_kind}.jsonl", sample_rows(data_kind, data_rows or None))
     prof: dict[str, Any] = {
         "name": name or f"t-{kind}",
         "seed": 7,

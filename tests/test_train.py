@@ -310,3 +310,33 @@ def test_inference_stage_after_training_is_recorded(tmp_path: Path) -> None:
         db.close()
     assert metrics["infer_tokens_per_s"][0][1] > 0
     assert len(metrics["tokens_per_s"]) == 4  # training throughput stays apart from inference's
+
+
+def test_the_engine_trains_on_prepared_data(tmp_path: Path) -> None:
+    """data.prep is applied before launch; the ranks train on its output, and the run keeps its
+    fingerprint (input bytes + prep settings)."""
+    from tests.conftest import sample_rows, write_jsonl
+
+    rows = sample_rows("sft", 60)
+    rows[3] = {"prompt": "Who runs the audit?", "completion": "Write to audit.lead@example.com for the report."}
+    write_jsonl(tmp_path / "sft.jsonl", rows + rows[:20])  # 20 exact duplicates
+    profile = tiny_profile(tmp_path, "sft", data_rows=0, training={"max_steps": 4},
+                           data={"prep": {"dedup": True, "scrub_pii": True}})
+    write_jsonl(tmp_path / "sft.jsonl", rows + rows[:20])
+    ws, r = run_profile(tmp_path, profile)
+    run, events = check_completed_run(ws, r)
+    start = events[0]
+    assert start["train_rows"] + start["eval_rows"] == 60
+    env = json.loads((Path(run["run_dir"]) / "environment.json").read_text())
+    assert env["data_prep"]["steps"]["dedup"]["removed"] == 20
+    assert env["data_prep"]["steps"]["pii"]["changed"] >= 1
+    cached = Path(env["data_prep"]["cache"])
+    text = (cached / "train.jsonl").read_text() + (cached / "validation.jsonl").read_text()
+    assert "audit.lead@example.com" not in text and "EMAIL" in text
+    assert run["data_fingerprint"] == env["data_fingerprint"]
+    # Other prep settings on the same bytes: another fingerprint.
+    _, r2 = run_profile(tmp_path, profile, "--set", "data.prep.scrub_pii=false")
+    assert r2.returncode == 0, r2.stderr
+    fps = {json.loads((Path(x["run_dir"]) / "environment.json").read_text())["data_fingerprint"]
+           for x in history.list_runs(history.open_db(db_path(ws)))}
+    assert len(fps) == 2
