@@ -28,10 +28,9 @@ def _assert_learns(events: list[dict], kind: str) -> None:
     steps = [e["loss"] for e in events if e["event"] == "step"]
     evals = [e["eval_loss"] for e in events if e["event"] == "eval"]
     assert events[-1]["event"] == "done"
-    if kind == "dpo":
-        assert sum(steps[-5:]) / 5 < steps[0], steps
-    else:
-        assert len(evals) >= 2 and evals[-1] < evals[0], evals
+    assert steps, "no step recorded"
+    # Held-out loss before training vs after (for DPO: the preference loss from log 2).
+    assert len(evals) >= 2 and evals[-1] < evals[0], (kind, evals)
 
 
 @pytest.mark.parametrize("profile", SHIPPED, ids=[p.stem for p in SHIPPED])
