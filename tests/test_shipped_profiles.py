@@ -33,7 +33,12 @@ def _assert_learns(events: list[dict], kind: str) -> None:
     assert len(evals) >= 2 and evals[-1] < evals[0], (kind, evals)
 
 
-@pytest.mark.parametrize("profile", SHIPPED, ids=[p.stem for p in SHIPPED])
+# CI covers one shipped profile per method kind and the adapter; the other SFT ones are slow.
+SHORT_IN_CI = {"demo", "demo-dpo", "demo-lora"}
+
+
+@pytest.mark.parametrize("profile", [pytest.param(p, id=p.stem, marks=() if p.stem in SHORT_IN_CI
+                                                  else pytest.mark.slow) for p in SHIPPED])
 def test_shipped_profile_short(tmp_path: Path, profile: Path) -> None:
     import yaml
 
