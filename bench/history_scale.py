@@ -26,10 +26,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from engine import history
-from engine.devices import DeviceSampler, own_cpu_seconds
-from engine.runs_cli import show_report
-from engine.workspace import db_path
+from engine import history  # noqa: E402 - after the sys.path line
+from engine.devices import DeviceSampler, own_cpu_seconds  # noqa: E402 - after the sys.path line
+from engine.runs_cli import show_report  # noqa: E402 - after the sys.path line
+from engine.workspace import db_path  # noqa: E402 - after the sys.path line
 
 METRIC_NAMES = ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss")
 TARGET_MS = 300.0

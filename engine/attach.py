@@ -14,20 +14,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from engine.events import EventTail
+from engine.runs_cli import fmt_duration
 
 POLL_S = 0.5
 PLAIN_EVERY_S = 10.0
-
-
-def fmt_duration(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{(s % 3600) // 60:02d}m"
 
 
 def fmt_rate(x: float | None) -> str:

@@ -9,7 +9,6 @@ commit, data fingerprints), events.jsonl, engine.log, checkpoints/, model/.
 from __future__ import annotations
 
 import getpass
-import hashlib
 import json
 import os
 import platform
@@ -36,16 +35,9 @@ def new_run_id() -> str:
     return f"{int(time.time() * 16) & 0xFFFFFFFFF:09x}{secrets.token_hex(2)}"[-12:]
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def data_fingerprints(lp: LoadedProfile) -> dict[str, str]:
     from engine.data_formats import data_files, is_hub_name
+    from engine.data_prep import file_sha256
 
     d = lp.profile.data
     paths = d.train if isinstance(d.train, list) else [d.train]

@@ -174,7 +174,7 @@ def _open(args: argparse.Namespace, must_exist: bool = True):
     db = history.open_db(path)
     try:
         history.reconcile(db)
-    except Exception as exc:  # noqa: BLE001 - reconciling is a courtesy; reading must work
+    except Exception as exc:
         _err(f"warning: could not reconcile runs: {exc}")
     return db
 
@@ -191,7 +191,7 @@ def fmt_time(t: float | None) -> str:
 
 
 def fmt_duration(seconds: float | None) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):
         return "-"
     s = round(seconds)
     if s < 60:
@@ -270,7 +270,7 @@ def load_profile(run: dict[str, Any]) -> dict[str, Any] | None:
         if not isinstance(exc, FileNotFoundError):
             _err(f"warning: cannot read {path}: {exc}")
         return None
-    except Exception as exc:  # noqa: BLE001 - yaml.YAMLError and friends
+    except Exception as exc:
         _err(f"warning: cannot read {path}: {exc}")
         return None
     return data if isinstance(data, dict) else None
@@ -642,7 +642,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _print_json(report)
         return EXIT_OK
     a, b = report["a"], report["b"]
-    for found, rid in zip(report["profiles_found"], (a, b)):
+    for found, rid in zip(report["profiles_found"], (a, b), strict=True):
         if not found:
             _err(f"warning: no readable profile.yaml for run {rid}")
     print(f"profile ({a} vs {b})")
