@@ -24,6 +24,30 @@ class ChatSettings:
     max_context: int | None = None  # tokens; older turns are dropped to fit
 
 
+def fit_context(settings: ChatSettings, model) -> ChatSettings:
+    """Cap ``settings.max_context`` so the prompt plus a full reply fit the model's positions."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions:
+        settings.max_context = max(positions - settings.max_new_tokens, 8)
+    return settings
+
+
+def load_chat_model(run_dir, settings: ChatSettings | None = None, *,
+                    checkpoint: int | None = None):
+    """(model, tokenizer, source, settings) to chat with a run's model, in the dtype it trained in.
+
+    Raises ``engine.run_model.ModelNotFound`` when the run has no model (e.g. it failed).
+    """
+    from pathlib import Path
+
+    from engine.export import training_dtype
+    from engine.run_model import load_run_model
+
+    run_dir = Path(run_dir)
+    model, tok, src = load_run_model(run_dir, training_dtype(run_dir), checkpoint=checkpoint)
+    return model, tok, src, fit_context(settings or ChatSettings(), model)
+
+
 def _context_ids(tokenizer, messages: list[dict[str, str]], max_context: int | None):
     """Token ids of the conversation with the generation prompt, oldest turns dropped to fit."""
     msgs = list(messages)
@@ -38,10 +62,13 @@ def _context_ids(tokenizer, messages: list[dict[str, str]], max_context: int | N
 
 
 def reply(model, tokenizer, messages: list[dict[str, str]], s: ChatSettings,
-          on_text: Callable[[str], None]) -> str:
-    """Generate the assistant's next message, calling ``on_text`` with each new piece."""
+          on_text: Callable[[str], None], stop: threading.Event | None = None) -> str:
+    """Generate the assistant's next message, calling ``on_text`` with each new piece.
+
+    Setting ``stop`` ends generation after the current token (the reply so far is returned).
+    """
     import torch
-    from transformers import TextIteratorStreamer
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
     enc = _context_ids(tokenizer, messages, s.max_context)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -54,6 +81,13 @@ def reply(model, tokenizer, messages: list[dict[str, str]], s: ChatSettings,
         kwargs.update(do_sample=True, temperature=s.temperature, top_p=s.top_p)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if stop is not None:
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **_: Any):
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool)
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
     error: list[BaseException] = []
 
     def work() -> None:

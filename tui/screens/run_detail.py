@@ -78,6 +78,7 @@ class RunDetail:
     error_event: dict[str, Any] | None = None
     traceback: str | None = None
     log_tail: str | None = None
+    has_model: bool = False  # the run directory holds model/ (something to chat with)
 
 
 def read_detail(db: history.HistoryDB, run_id: str, now: float | None = None) -> RunDetail:
@@ -100,6 +101,7 @@ def read_detail(db: history.HistoryDB, run_id: str, now: float | None = None) ->
         metrics=history.run_metrics(db, run["id"], names=["loss", "eval_loss", "lr"]),
         samples=history.device_samples(db, run["id"]),
         error_event=errors[-1] if errors else None,
+        has_model=run_dir is not None and (run_dir / "model").is_dir(),
     )
     if run["recorded_status"] in ("failed", "lost") and log:
         detail.traceback = last_traceback(log)
@@ -208,6 +210,7 @@ class RunDetailScreen(Screen):
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("r", "reload", "Reload"),
         Binding("m", "monitor", "Monitor"),
+        Binding("t", "chat", "Chat"),
         Binding("escape,q", "back", "Back"),
     ]
 
@@ -276,6 +279,16 @@ class RunDetailScreen(Screen):
 
         self.app.push_screen(MonitorScreen(self.workspace, self.run_id, clock=self.clock))
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action == "chat":  # only offered for a run that left a model
+            return self.detail is not None and self.detail.has_model
+        return True
+
+    def action_chat(self) -> None:
+        from tui.screens.chat import ChatScreen
+
+        self.app.push_screen(ChatScreen(self.workspace, self.run_id))
+
     @work(thread=True, exclusive=True, group="detail-load", exit_on_error=False)
     def _load(self) -> None:
         try:
@@ -296,6 +309,7 @@ class RunDetailScreen(Screen):
             head.update(Text(f"run {self.run_id}: {message.error}", style="red"))
             return
         self.detail = d = message.detail
+        self.refresh_bindings()
         run = d.report["run"]
         head.update(Text.assemble(status_text(run["status"]), "  ",
                                   (run.get("name") or "-", "bold"), "  ", (run["id"], "dim")))
