@@ -224,3 +224,10 @@ def test_stop_ends_a_reply_early(sft_run) -> None:
     assert len(ids) <= 2  # one generated token (text may re-tokenize a little differently)
 
 
+
+
+def test_a_newer_partial_reply_replaces_a_queued_older_one() -> None:
+    older, newer = ChatScreen.TokenArrived(3, "Cross"), ChatScreen.TokenArrived(3, "Cross-site")
+    assert older.can_replace(newer)
+    assert not older.can_replace(ChatScreen.TokenArrived(4, "A"))
+    assert not older.can_replace(ChatScreen.ReplyDone(3, "Cross-site", 0.1))

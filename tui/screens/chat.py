@@ -283,7 +283,8 @@ class ChatScreen(Screen):
             self.streaming = False
             if self._current is not None:
                 self.messages.append({"role": "assistant", "content": message.text})
-                note = None if message.text else "(an empty reply)"
+                note = f"({message.seconds:.1f} s)" if message.text else \
+                    f"(an empty reply, {message.seconds:.1f} s)"
                 self._current.set_text(message.text, note=note)
                 self._current = None
             self.query_one("#chat-transcript", VerticalScroll).scroll_end(animate=False)
