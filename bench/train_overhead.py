@@ -68,7 +68,7 @@ def zerotune_run(tmp: Path, profile: Path, steps: int) -> dict:
                        env={**os.environ, "PYTHONPATH": str(REPO)})
     if r.returncode != 0:
         sys.exit(f"zerotune run failed:\n{r.stdout}\n{r.stderr[-3000:]}")
-    run_dir = max((d for d in (ws / "runs").iterdir() if d.is_dir()), key=lambda p: p.stat().st_mtime)
+    run_dir = max((d for d in (ws / "runs").iterdir() if d.is_dir() and not d.name.startswith(".")), key=lambda p: p.stat().st_mtime)
     events = [json.loads(x) for x in (run_dir / "events.jsonl").read_text().split("\n") if x.strip()]
     steps_ev = [e for e in events if e["event"] == "step"]
     return {"times": [e["t"] for e in steps_ev], "first_step_s": steps_ev[0]["t"] - t0,

@@ -84,6 +84,6 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def only_run_dir(workspace: Path) -> Path:
-    dirs = [d for d in (workspace / "runs").iterdir() if d.is_dir()]
+    dirs = [d for d in (workspace / "runs").iterdir() if d.is_dir() and not d.name.startswith(".")]
     assert len(dirs) == 1, dirs
     return dirs[0]

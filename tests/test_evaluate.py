@@ -71,7 +71,7 @@ def test_a_trained_model_beats_its_untrained_start(tmp_path: Path) -> None:
     run, _ = check_completed_run(ws, r)
     run_dir = Path(run["run_dir"])
     p = load_run_profile(run_dir).profile
-    _, _, val, _ = load_splits(p)
+    _, _, val, _ = load_splits(p, run_dir)
     events = EventWriter(run_dir / "events.jsonl")
     out = ev.evaluate_after_training(_Trainer(), p, run_dir, val, events)
     assert out["heldout_rows"] == len(val) == 4

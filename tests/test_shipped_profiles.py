@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PROFILES, read_events, zerotune
+from tests.conftest import PROFILES, only_run_dir, read_events, zerotune
 
 SHIPPED = sorted(PROFILES.glob("*.yaml"))
 
@@ -20,7 +20,7 @@ def _run(tmp_path: Path, profile: Path, *overrides: str) -> list[dict]:
     args = [a for o in overrides for a in ("--set", o)]
     r = zerotune("--workspace", str(ws), "run", str(profile), *args, timeout=900)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
-    run_dir = next(d for d in (ws / "runs").iterdir() if d.is_dir())
+    run_dir = only_run_dir(ws)
     return read_events(run_dir)
 
 
