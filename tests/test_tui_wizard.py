@@ -338,12 +338,13 @@ async def test_edited_profile_keeps_everything_else(workspace: Path) -> None:
         await settle(pilot)
         app.wizard.show_step(5)
         await settle(pilot)
-        await fill(pilot, "training.lr", "5e-4")
+        assert before.training.lr != 2e-4  # the edit must be a change
+        await fill(pilot, "training.lr", "2e-4")
         assert app.wizard.draft.changed
         await pilot.press("ctrl+s")
         await settle(pilot)
     after = load_profile(path).profile
-    assert after.training.lr == 5e-4
+    assert after.training.lr == 2e-4
     assert after.model_copy(update={"training": before.training}) == before
     assert after.training.model_copy(update={"lr": before.training.lr}) == before.training
 
