@@ -285,15 +285,23 @@ def _iter_csv(f: Path, name: str, errors: list[DataError] | None, delimiter: str
             raise DataError(name, None, "the file holds no header line")
 
 
+def _read_utf8(f: Path, name: str) -> str:
+    """A whole file as text (a UTF-8 byte-order mark dropped); DataError names the bad line."""
+    raw = f.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(name, _line_of(raw, exc.start), utf8_problem(raw, exc.start)) from None
+
+
 def _iter_text(f: Path, name: str, errors: list[DataError] | None, text_split: str) -> Iterator[Row]:
     if text_split == "file":
-        raw = f.read_bytes()
-        if raw.startswith(b"\xef\xbb\xbf"):
-            raw = raw[3:]
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            _bad(errors, DataError(name, _line_of(raw, exc.start), utf8_problem(raw, exc.start)))
+            text = _read_utf8(f, name)
+        except DataError as exc:
+            _bad(errors, exc)
             return
         yield Row(name, 1, {"text": text})
         return
@@ -428,13 +436,7 @@ def iter_file_rows(f: Path, errors: list[DataError] | None, text_split: str = "f
 
 
 def _iter_json(f: Path, name: str, errors: list[DataError] | None) -> Iterator[Row]:
-    raw = f.read_bytes()
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(name, _line_of(raw, exc.start), utf8_problem(raw, exc.start)) from None
+    text = _read_utf8(f, name)
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -442,7 +444,7 @@ def _iter_json(f: Path, name: str, errors: list[DataError] | None) -> Iterator[R
         if exc.msg == "Extra data" and text.lstrip().startswith("{"):
             hint = " (one object per line is JSON lines: name the file .jsonl)"
         raise DataError(name, exc.lineno, f"not valid JSON: {exc.msg} at column {exc.colno}{hint}") from None
-    del text, raw
+    del text  # the parsed rows are what is kept; free the big string
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         if len(lists) == 1:
