@@ -10,7 +10,7 @@ venv: $(STAMP)
 
 # No NVIDIA GPU: install the CPU build of torch first, so that nothing pulls the CUDA build.
 # With a GPU: the normal (CUDA) build from the index.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	    $(PY) -m pip install 'torch>=2.4'; \
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	    $(PY) -m pip install torch --index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(PY) -m pip install setuptools wheel
-	$(PY) -m pip install --no-build-isolation -e '.[dev]'
+	$(PY) -m pip install --no-build-isolation -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

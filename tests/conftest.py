@@ -9,10 +9,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+
+# No test may reach a model or dataset hub: set before anything imports huggingface_hub (which
+# reads these once, at import), and inherited by every subprocess the tests start. Without
+# them a hub lookup on a machine whose network drops packets waits minutes in retries.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                  HF_HUB_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1")
+
+HEAVY_PACKAGES = ("torch", "deepspeed", "transformers", "trl", "peft", "datasets", "accelerate",
+                  "huggingface_hub", "textual")
 PROFILES = REPO / "profiles"
 ZEROTUNE = [sys.executable, "-m", "engine.cli"]
 
@@ -21,6 +31,64 @@ TINY_LLAMA = {
     "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
     "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
 }
+
+
+def pytest_sessionstart(session):
+    """Print the versions the run was made with (also under -q), so that a failure in CI can
+    be matched to a release of a dependency."""
+    from importlib import metadata
+
+    found = []
+    for name in HEAVY_PACKAGES:
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} missing")
+        except Exception:  # a broken install's metadata: still print the others
+            found.append(f"{name} ?")
+    sys.stderr.write("zerotune stack: " + ", ".join(found) + "\n")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_logreport(report):
+    """Print a failure's traceback the moment it happens, not only in the final summary: a run
+    cut off by a time limit still shows why its first failures failed."""
+    if not report.failed:
+        return
+    text = report.longreprtext or ""
+    if len(text) > 6000:
+        text = text[:1500] + "\n[...]\n" + text[-4500:]
+    sys.stderr.write(f"\n--- {report.when} of {report.nodeid} failed:\n{text}\n---\n")
+    for title, content in report.sections:
+        if "stderr" in title or "stdout" in title:
+            sys.stderr.write(f"[{title}, last 2000 chars]\n{content[-2000:]}\n")
+    sys.stderr.flush()
+
+
+@pytest.fixture(autouse=True)
+def _reap_processes_left_by_the_test(request):
+    """After each test, kill what it started in its temporary folders and left running
+    (a detached supervisor, launcher or engine rank of a test that failed half-way), so that
+    one failure cannot starve the tests after it of CPU."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    tmp = str(request.getfixturevalue("tmp_path"))
+    yield
+    me = os.getpid()
+    left = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != me and tmp in " ".join(proc.info["cmdline"] or ()):
+                left.append(proc)
+        except (psutil.Error, TypeError):
+            continue
+    for proc in left:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(left, timeout=5)
 
 
 def pytest_collection_modifyitems(config, items):

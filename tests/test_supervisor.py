@@ -225,7 +225,9 @@ def test_logs_follow_prints_the_engine_log_until_the_run_ends(tmp_path):
 
 
 def test_kill_9_of_the_supervisor_leaves_the_run_lost_not_running(tmp_path):
-    make_run(tmp_path, "orphan", "--steps", "25", "--step-time", "0.04")
+    # Long enough (3 s) that the engine is still running when the supervisor is killed, even
+    # on a loaded machine where the first steps are seen late.
+    make_run(tmp_path, "orphan", "--steps", "60", "--step-time", "0.05")
     sup = spawn_supervisor(tmp_path / "runs" / "orphan", db_of(tmp_path))
     run = wait_for(tmp_path, "orphan", lambda r: (r["last_step"] or 0) >= 2)
     os.kill(sup, signal.SIGKILL)
@@ -240,9 +242,9 @@ def test_kill_9_of_the_supervisor_leaves_the_run_lost_not_running(tmp_path):
         run = history.get_run(db, "orphan")
         assert run["status"] == "lost"
         # The engine finished on its own; its later events were caught up from events.jsonl.
-        assert run["last_step"] == 25
+        assert run["last_step"] == 60
         assert "reported completion" in run["reason"]
-        assert len(history.run_metrics(db, "orphan", names=["loss"])["loss"]) == 25
+        assert len(history.run_metrics(db, "orphan", names=["loss"])["loss"]) == 60
     finally:
         db.close()
 
