@@ -22,6 +22,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -182,8 +183,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 class HistoryDB:
     """An open history database: a sqlite3 connection, with sqlite-utils on demand.
 
-    Queries go straight to :attr:`conn`. sqlite-utils imports pandas and numpy when they are
-    installed (about 0.3 s), so it is loaded only for schema work (migrations) or when
+    Queries go straight to :attr:`conn`. sqlite-utils imports numpy (and pandas, see
+    :func:`_sqlite_utils_database`) when installed, so it is loaded only for schema work or when
     :attr:`utils` is asked for; starting the CLI or the TUI stays fast.
     """
 
@@ -196,9 +197,7 @@ class HistoryDB:
     def utils(self) -> Any:
         """A ``sqlite_utils.Database`` on the same connection."""
         if self._utils is None:
-            from sqlite_utils import Database
-
-            self._utils = Database(self.conn)
+            self._utils = _sqlite_utils_database(self.conn)
         return self._utils
 
     def __getitem__(self, table: str) -> Any:
@@ -216,6 +215,24 @@ class HistoryDB:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _sqlite_utils_database(conn: sqlite3.Connection) -> Any:
+    """``sqlite_utils.Database(conn)``, imported without pandas.
+
+    sqlite-utils imports pandas at import time only to map pandas column types, which the
+    history never stores; that import is 0.3 s of every CLI, TUI and supervisor start. It is
+    hidden while sqlite-utils loads (a process that already has pandas keeps it).
+    """
+    if "sqlite_utils" not in sys.modules and "pandas" not in sys.modules:
+        sys.modules["pandas"] = None  # type: ignore[assignment]  # makes `import pandas` fail
+        try:
+            import sqlite_utils  # noqa: F401
+        finally:
+            del sys.modules["pandas"]
+    from sqlite_utils import Database
+
+    return Database(conn)
 
 
 def open_db(path: str | os.PathLike[str], *, migrate: bool = True) -> HistoryDB:
