@@ -18,6 +18,7 @@ database; what that first run costs zerotune once per workspace is printed on it
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -103,7 +104,7 @@ def throughput(res: dict, warmup: int) -> float:
 
 def median_step_throughput(res: dict, warmup: int) -> float:
     t = res["times"][warmup:]
-    return res["tokens_per_step"] / statistics.median(b - a for a, b in zip(t, t[1:]))
+    return res["tokens_per_step"] / statistics.median(b - a for a, b in itertools.pairwise(t))
 
 
 def main() -> None:
