@@ -34,6 +34,7 @@ Pure Python, no torch: one estimate takes well under a millisecond.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -777,7 +778,8 @@ def shape_from_profile(profile: Any) -> ModelShape:
     """The model of a profile: ``model.config`` for ``init: scratch``, else ``model.path`` (a
     local directory, a catalog name or a hub id)."""
     from engine.model_shape import ModelShapeError, load_model_config, shape_from_config
-    from engine.model_source import profile_config
+    from engine.model_source import profile_config, tokenizer_vocab_size
+    from engine.profile import model_location
 
     lp = _loaded(profile)
     m = lp.profile.model
@@ -789,8 +791,15 @@ def shape_from_profile(profile: Any) -> ModelShape:
     cfg = dict(cfg)
     if m.init == "scratch" and m.config:
         cfg.update(m.config)
-        if not m.tokenizer:  # zerotune trains a tokenizer of this size for scratch models
-            cfg["vocab_size"] = lp.profile.model.tokenizer_vocab_size
+        # The engine sizes a scratch model's vocabulary by its tokenizer: model.tokenizer, the
+        # one in model.path, or one it trains of tokenizer_vocab_size tokens.
+        source = m.tokenizer or (m.path if m.path and not m.tokenizer else None)
+        loc = model_location(source, lp.base_dir)
+        known = tokenizer_vocab_size(Path(loc.value)) if loc.kind == "local" and loc.value else None
+        if known:
+            cfg["vocab_size"] = known
+        elif not m.tokenizer:
+            cfg["vocab_size"] = m.tokenizer_vocab_size
     name = m.path or cfg.get("model_type", "")
     return shape_from_config(cfg, name=str(name))
 

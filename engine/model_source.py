@@ -51,6 +51,24 @@ def profile_config(lp: LoadedProfile) -> dict[str, Any] | None:
     return base or None
 
 
+def tokenizer_vocab_size(tokenizer_dir: Path) -> int | None:
+    """``len(tokenizer)`` of a local tokenizer folder, read from its ``tokenizer.json`` (the
+    highest token id, of the model's vocabulary and the added tokens, plus one), or None."""
+    try:
+        data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    vocab = (data.get("model") or {}).get("vocab")
+    if isinstance(vocab, dict):
+        ids = [i for i in vocab.values() if isinstance(i, int)]
+    elif isinstance(vocab, list):  # Unigram: [[piece, score], ...] in id order
+        ids = [len(vocab) - 1] if vocab else []
+    else:
+        ids = []
+    ids += [t["id"] for t in data.get("added_tokens") or () if isinstance(t.get("id"), int)]
+    return max(ids) + 1 if ids else None
+
+
 def checkpoint_module_names(model_dir: Path) -> set[str] | None:
     """Dotted module-name parts of every weight in a local safetensors checkpoint."""
     files = sorted(model_dir.glob("*.safetensors"))

@@ -312,6 +312,30 @@ def test_estimate_profile_of_a_scratch_model(tmp_path):
     assert d["fits"] is True and d["fit_problems"] == []  # this machine's RAM is enough
 
 
+def test_a_scratch_model_with_its_own_tokenizer_is_sized_by_it(tmp_path):
+    """model.tokenizer of a scratch model sets its vocabulary, as the engine does: the estimate
+    reads the size from tokenizer.json (no transformers), equal to len(tokenizer)."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from engine.model_source import tokenizer_vocab_size
+    from engine.profile import load_profile
+    from engine.train import _train_tokenizer
+    from tests.conftest import sample_rows
+
+    tok_dir = tmp_path / "tok"
+    _train_tokenizer([r["text"] for r in sample_rows("cpt", 40)], 700, tok_dir)
+    expected = len(AutoTokenizer.from_pretrained(tok_dir))
+    assert tokenizer_vocab_size(tok_dir) == expected
+    assert tokenizer_vocab_size(tmp_path) is None  # no tokenizer.json here
+    path = _profile(tmp_path, model={"init": "scratch", "tokenizer": "tok",
+                                     "config": {"model_type": "llama", "hidden_size": 64,
+                                                "intermediate_size": 128, "num_hidden_layers": 2,
+                                                "num_attention_heads": 4}})
+    d = estimate_profile(load_profile(path, check_data=False, check_model=False))
+    assert d["model_shape"]["vocab_size"] == expected != 2048
+
+
 def test_estimate_profile_says_when_it_does_not_fit(tmp_path):
     from engine.profile import load_profile
 
