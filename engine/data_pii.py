@@ -12,17 +12,21 @@ ISBNs and order numbers. Each finder validates what it matched (octet ranges, th
 and issuer prefix of a card, the randomness of a key, words before a number such as "version"
 or "order") before reporting it.
 
-Speed: a row is scanned by a few cheap substring tests and one regular expression for runs of
-digits; the detailed expressions run only where those found something, so clean text costs a
-few microseconds per kilobyte.
+Speed: the anchors of the fixed-prefix finders and the keywords of the ``key = value`` finders
+are found by Aho-Corasick automata, runs of digits by one regular expression; the detailed
+expressions run only where those found something. ``Scrubber.find_many`` does the same for a
+batch of texts with a numpy pre-scan instead (see _prescan): a text with nothing to find then
+costs a few microseconds per kilobyte, and finders run only where the pre-scan saw their marks.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 PLACEHOLDER = "<{}>"
 KINDS = ("PRIVATE_KEY", "PASSWORD", "JWT", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "GITHUB_TOKEN",
@@ -142,6 +146,7 @@ _ASSIGNED = re.compile(r"(?i:[_-]?(?:access[_-]?)?key(?:[_-]?id)?|[_-]?string)?[
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z_.]*")
 _ASSIGN_KEYWORDS = ("password", "passwd", "pwd", "secret", "token", "key")
 _KEY_PREFIX = re.compile(r"(?:api[_-]?|secret[_-]?|access[_-]?|private[_-]?|client[_-]?|auth[_-]?)$")
+_KEY_PREFIX_LAST = "itseh_-"  # the last character of each _KEY_PREFIX match
 _AUTH = re.compile(r"(?i)(?:bearer|authorization:\s*basic|authorization:\s*token)\s+(?P<v>[A-Za-z0-9._~+/-]{16,}=*)")
 _AUTH_WORDS = ("bearer", "authorization")
 _EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}$")
@@ -209,7 +214,10 @@ def _find_tokens(text: str, anchors: dict[str, list[int]]) -> Iterator[Span]:
 
 def _find_assignments(text: str, low: str, keyword: str, positions: list[int]) -> Iterator[Span]:
     for pos in positions:
-        if keyword == "key" and not _KEY_PREFIX.search(low, max(0, pos - 8), pos):
+        # the character before "key" must end a _KEY_PREFIX word ("api", "secret", ...) or be
+        # a separator: checked first, as most "key"s in ordinary text are whole words
+        if keyword == "key" and (pos == 0 or low[pos - 1] not in _KEY_PREFIX_LAST
+                                 or not _KEY_PREFIX.search(low, max(0, pos - 8), pos)):
             continue
         m = _ASSIGNED.match(text, pos + len(keyword))
         if m:
@@ -318,11 +326,14 @@ def _phone_ok(text: str, m: re.Match[str], labelled: bool) -> bool:
     return not (_NUMBER_CONTEXT.search(before) or _VERSION_CONTEXT.search(before))
 
 
-def _find_numbers(text: str) -> Iterator[Span]:
-    """IPv4 addresses, card numbers and phone numbers inside runs of digits."""
-    for run in _DIGIT_RUN.finditer(text):
-        a, b = max(0, run.start() - 1), min(len(text), run.end() + 2)
-        chunk = run.group(0)
+def _find_numbers(text: str, runs: list[tuple[int, int]] | None = None) -> Iterator[Span]:
+    """IPv4 addresses, card numbers and phone numbers inside runs of digits (``runs``: the
+    spans _DIGIT_RUN matches, when already known)."""
+    if runs is None:
+        runs = [m.span() for m in _DIGIT_RUN.finditer(text)]
+    for start, end in runs:
+        a, b = max(0, start - 1), min(len(text), end + 2)
+        chunk = text[start:end]
         if chunk.count(".") >= 3:
             for m in _IPV4.finditer(text, a, b):
                 if _ipv4_ok(text, m):
@@ -344,6 +355,153 @@ def _find_numbers(text: str) -> Iterator[Span]:
 _PRIORITY = {kind: i for i, kind in enumerate(KINDS)}
 
 
+# --------------------------------------------------------------------------------------------
+# Pre-scan of many texts at once (Scrubber.find_many)
+# --------------------------------------------------------------------------------------------
+# Most rows hold nothing to find, but find() still walks each one with two Aho-Corasick passes
+# and a digit-run expression. find_many() instead looks at the UTF-8 bytes of a batch of texts
+# with numpy for what each finder needs before it can match anything:
+#   - an anchor or keyword: every occurrence contains a known 3-byte sequence (an anchor's first
+#     three characters, or a distinctive three letters of a keyword in any ASCII case), found by
+#     one table look-up per byte position; each such place is then checked in Python;
+#   - a run of digits for _find_numbers: runs of [0-9 .()/-] whose first and last digits are at
+#     least 5 apart (what _DIGIT_RUN matches).
+# These are necessary conditions, so a text without them holds nothing those finders would
+# find, and find_many() gives exactly what find() gives. ASCII bytes in UTF-8 are only ever the
+# ASCII characters themselves, so byte-level matches are character-level matches.
+
+_ANCHOR_WORDS = (*_TOKENS, "PRIVATE KEY", "://", "@", "::")
+# keyword -> offset of its 3 distinctive letters (rare in ordinary text, unlike "sec" or "aut")
+_KEYWORD_TRIGRAMS = {"password": 2, "passwd": 2, "pwd": 0, "secret": 1, "token": 0, "key": 0,
+                     "bearer": 3, "authorization": 5}
+assert set(_KEYWORD_TRIGRAMS) == {*_ASSIGN_KEYWORDS, *_AUTH_WORDS}
+# The only character that str.lower() maps to an ASCII letter without changing the text's
+# length (so keyword positions in the lower-cased text could come from it): KELVIN SIGN -> "k".
+# A text with it is scanned for keywords the slow way.
+_LOWERS_TO_ASCII = "\u212a".encode()
+_SCAN_BYTES = 1 << 16  # bytes per numpy pass (see SKETCH_BYTES in data_prep.py)
+_SCAN: dict[str, Any] = {}
+
+
+def _scan_tables() -> dict[str, Any]:
+    """The 2**24-entry table of interesting 3-byte sequences, and what to check at each."""
+    if _SCAN:
+        return _SCAN
+    import numpy as np
+
+    table = np.zeros(1 << 24, dtype=bool)
+    # 3 bytes -> (word, offset of the 3 bytes in it, is a keyword) to check there
+    checks: dict[bytes, list[tuple[str, bytes, int, bool]]] = {}
+
+    def mark(prefix: bytes) -> None:  # every 3-byte sequence that starts with prefix
+        lo = int.from_bytes(prefix.ljust(3, b"\0"), "big")
+        table[lo: lo + (1 << (8 * (3 - len(prefix))))] = True
+
+    for word in _ANCHOR_WORDS:
+        w = word.encode()
+        mark(w[:3])
+        if len(w) >= 3:  # "@" and "::" are checked by _checked itself
+            checks.setdefault(w[:3], []).append((word, w, 0, False))
+    for word, k in _KEYWORD_TRIGRAMS.items():
+        tri = word[k:k + 3]
+        for variant in {"".join(c) for c in itertools.product(*((ch, ch.upper()) for ch in tri))}:
+            mark(variant.encode())
+            checks.setdefault(variant.encode(), []).append((word, word.encode(), k, True))
+    mark(_LOWERS_TO_ASCII)
+    checks[_LOWERS_TO_ASCII] = []
+    # _checked orders words by where they first end, as the automata report them; that is
+    # their order only if no word ends another (two words never end at the same place)
+    for words in (_ANCHOR_WORDS, tuple(_KEYWORD_TRIGRAMS)):
+        assert not any(a != b and a.endswith(b) for a in words for b in words)
+    _SCAN.update(np=np, table=table, pairs=table.reshape(1 << 16, 256).any(axis=1), checks=checks)
+    return _SCAN
+
+
+def _prescan(encoded: list[bytes]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+    """For each text (UTF-8): the byte offsets of its interesting 3-byte sequences, and the
+    spans (byte offsets) that _DIGIT_RUN matches in it."""
+    sc = _scan_tables()
+    np = sc["np"]
+    n = len(encoded)
+    row_start = np.zeros(n, dtype=np.int64)
+    np.cumsum([len(e) + 1 for e in encoded[:-1]], out=row_start[1:])
+    # "\n" between texts: it is in no anchor or keyword and ends a run of digits
+    data = np.frombuffer(b"\n".join(encoded) + b"\n\n", dtype=np.uint8)
+    code = data[:-2].astype(np.uint32)
+    code <<= 8
+    code |= data[1:-1]
+    code <<= 8
+    code |= data[2:]
+    # a first look-up by the first two bytes (a small table that stays in cache) leaves few
+    # places for the 16 MB table of three bytes
+    pair = (code >> 8).astype(np.uint16)
+    maybe = np.flatnonzero(np.take(sc["pairs"], pair))
+    hits = maybe[np.take(sc["table"], code[maybe])]
+    bounds = [*np.searchsorted(hits, row_start).tolist(), len(hits)]
+    rel = (hits - row_start[np.searchsorted(row_start, hits, side="right") - 1]).tolist()
+    places = [rel[bounds[i]:bounds[i + 1]] for i in range(n)]
+    numbers: list[list[tuple[int, int]]] = [[] for _ in range(n)]
+    # comparisons (several times faster than a table look-up): 0-9, and " ", "(", ")", "-",
+    # ".", "/" (40-47 but for 42-44) that _DIGIT_RUN allows between digits
+    digit = (data - np.uint8(48)) < 10
+    digits = np.flatnonzero(digit)
+    if len(digits) >= 2:
+        run = digit | (data == 32) | (((data - np.uint8(40)) < 8) & ((data - np.uint8(42)) >= 3))
+        # digits in one run have no other character between them
+        other = np.cumsum(~run, dtype=np.int32)[digits]
+        first = np.flatnonzero(np.diff(other, prepend=-1))
+        last = np.append(first[1:], len(digits)) - 1
+        # _DIGIT_RUN matches a run from its first digit to its last, if they are 5+ apart
+        long = digits[last] - digits[first] >= 5
+        run_start, run_end = digits[first][long], digits[last][long] + 1
+        row = np.searchsorted(row_start, run_start, side="right") - 1
+        for r, a, b in zip(row.tolist(), (run_start - row_start[row]).tolist(),
+                           (run_end - row_start[row]).tolist(), strict=True):
+            numbers[r].append((a, b))
+    return places, numbers
+
+
+def _checked(text: str, data: bytes, places: list[int]) -> tuple[dict[str, list[int]], dict[str, list[int]] | None]:
+    """The anchors and keywords at the pre-scan's places in one text (``data`` is its UTF-8),
+    as ``_anchors`` reports them: start positions, words in the order in which they first end.
+    Keywords are None for a text that needs the full keyword scan (see _LOWERS_TO_ASCII)."""
+    anchors: dict[str, list[int]] = {}
+    keywords: dict[str, list[int]] | None = {}
+    if not places:
+        return anchors, keywords
+    checks = _SCAN["checks"]
+    for p in places:
+        tri = data[p:p + 3]
+        first = tri[0]
+        if first == 64:  # "@"
+            anchors.setdefault("@", []).append(p)
+        elif first == 58 and tri[1:2] == b":":  # "::"
+            anchors.setdefault("::", []).append(p)
+        for word, w, k, is_keyword in checks.get(tri, ()):
+            if not is_keyword:
+                if data.startswith(w, p):
+                    anchors.setdefault(word, []).append(p)
+            elif keywords is not None and p >= k and data[p - k:p - k + len(w)].lower() == w:
+                keywords.setdefault(word, []).append(p - k)
+        if tri == _LOWERS_TO_ASCII:
+            keywords = None
+    if len(data) != len(text):  # not ASCII: byte offsets to character positions
+        found = [anchors, keywords or {}]
+        offsets = sorted({q for f in found for ps in f.values() for q in ps})
+        char_at, chars, last = {}, 0, 0
+        for q in offsets:  # one pass through the text, not one decode per offset
+            chars += len(data[last:q].decode("utf-8", "surrogatepass"))
+            char_at[q], last = chars, q
+        for f in found:
+            for word, ps in f.items():
+                f[word] = [char_at[q] for q in ps]
+    if len(anchors) > 1:
+        anchors = dict(sorted(anchors.items(), key=lambda kv: kv[1][0] + len(kv[0])))
+    if keywords and len(keywords) > 1:
+        keywords = dict(sorted(keywords.items(), key=lambda kv: kv[1][0] + len(kv[0])))
+    return anchors, keywords
+
+
 class Scrubber:
     """Finds and replaces personal data and secrets; ``scrub`` returns the new text and hits."""
 
@@ -352,8 +510,39 @@ class Scrubber:
 
     def find(self, text: str) -> list[Span]:
         """Non-overlapping spans of personal data and secrets, in text order."""
+        return self._find(text, _anchors(_ANCHORS, text), None, None, None)
+
+    def find_many(self, texts: list[str], lowered: list[str] | None = None) -> list[list[Span]]:
+        """``[find(t) for t in texts]``, several times faster on text that mostly holds nothing
+        to find (see _prescan). ``lowered`` may give ``t.lower()`` of each text."""
+        out: list[list[Span]] = []
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+        i = 0
+        while i < len(texts):
+            size, j = len(encoded[i]), i + 1
+            while j < len(texts) and size + 1 + len(encoded[j]) <= _SCAN_BYTES:
+                size += 1 + len(encoded[j])
+                j += 1
+            places, numbers = _prescan(encoded[i:j])
+            for k in range(i, j):
+                text, data, runs = texts[k], encoded[k], numbers[k - i]
+                if not places[k - i] and not runs and text.count(":") < 7:
+                    out.append([])  # nothing any finder could match (most rows)
+                    continue
+                anchors, keywords = _checked(text, data, places[k - i])
+                if runs and len(data) != len(text):  # not ASCII: to character positions
+                    runs = [(c, c + b - a) for a, b in runs
+                            for c in (len(data[:a].decode("utf-8", "surrogatepass")),)]
+                out.append(self._find(text, anchors, keywords, runs,
+                                      lowered[k] if lowered is not None else None))
+            i = j
+        return out
+
+    def _find(self, text: str, anchors: dict[str, list[int]], keywords: dict[str, list[int]] | None,
+              runs: list[tuple[int, int]] | None, low: str | None) -> list[Span]:
+        """find() given the anchors, the keywords (None: scan the lower-cased text for them)
+        and the digit runs (None: scan the text for them)."""
         spans: list[Span] = []
-        anchors = _anchors(_ANCHORS, text)
         if anchors:
             if "PRIVATE KEY" in anchors:
                 spans += _find_private_keys(text)
@@ -362,17 +551,20 @@ class Scrubber:
             spans += _find_tokens(text, anchors)
             if "@" in anchors:
                 spans += _find_emails(text, anchors["@"])
-        low = text.lower()
-        if len(low) != len(text):  # a few characters lower-case to two: keep positions aligned
-            low = text.translate(_ASCII_LOWER)
-        for keyword, positions in _anchors(_KEYWORDS, low).items():
-            if keyword in _AUTH_WORDS:
-                spans += _find_auth(text, positions)
-            else:
-                spans += _find_assignments(text, low, keyword, positions)
+        if keywords is None or keywords:
+            if low is None:
+                low = text.lower()
+            if len(low) != len(text):  # a few characters lower-case to two: keep positions aligned
+                low = text.translate(_ASCII_LOWER)
+            for keyword, positions in (_anchors(_KEYWORDS, low) if keywords is None else keywords).items():
+                if keyword in _AUTH_WORDS:
+                    spans += _find_auth(text, positions)
+                else:
+                    spans += _find_assignments(text, low, keyword, positions)
         if "::" in anchors or text.count(":") >= 7:
             spans += _find_ipv6(text)
-        spans += _find_numbers(text)
+        if runs is None or runs:
+            spans += _find_numbers(text, runs)
         if not spans:
             return spans
         spans.sort(key=lambda s: (_PRIORITY[s[2]], s[0]))
@@ -384,7 +576,10 @@ class Scrubber:
         return taken
 
     def scrub(self, text: str) -> tuple[str, list[Hit]]:
-        spans = self.find(text)
+        return self.replace(text, self.find(text))
+
+    def replace(self, text: str, spans: list[Span]) -> tuple[str, list[Hit]]:
+        """``text`` with ``spans`` (from find) replaced by placeholders, and the hits."""
         if not spans:
             return text, []
         parts: list[str] = []

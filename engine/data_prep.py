@@ -7,9 +7,10 @@ Steps, always in this order (each sees only the rows the previous ones kept):
                    no trailing spaces; at most one blank line in a row (``prep.normalize``)
 3. ``length``      drop rows outside ``min_chars``/``max_chars`` and ``min_tokens``/``max_tokens``
 4. ``dedup``       drop exact duplicates (after normalisation) (``prep.dedup``)
-5. ``near_dedup``  drop near-duplicates: MinHash signatures (datasketch) of word 3-grams, banded
-                   as datasketch's MinHashLSH chooses for the threshold, kept in Bloom filters
-                   (the LSHBloom scheme), so a billion rows need megabytes, not gigabytes
+5. ``near_dedup``  drop near-duplicates: MinHash signatures (rensa's R-MinHash) of lower-cased
+                   word 3-grams, banded as datasketch's MinHashLSH chooses for the threshold, kept
+                   in Bloom filters (the LSHBloom scheme), so a billion rows need megabytes, not
+                   gigabytes
 6. ``pii``         replace personal data and secrets by typed placeholders (``prep.scrub_pii``)
 7. ``blocklist``   drop rows containing a blocklisted word or phrase (``prep.blocklist``)
 8. ``split``       seeded train/validation split of ``validation_split`` (stratified by
@@ -25,18 +26,26 @@ Large inputs stream: rows go through worker processes in chunks (byte ranges of 
 file are read by the workers themselves) and come back in order, so the result does not
 depend on the number of workers and memory stays bounded by a few chunks plus the duplicate
 indexes (8 bytes a row for exact duplicates, a few bytes a row for near-duplicates).
+
+Speed: a worker runs each step over a whole chunk before the next (RowProcessor.process), so
+the costly parts work on many rows at once: MinHash signatures for a batch in one rensa call,
+numpy scans that tell which rows can need normalising or hold anything the PII finders look
+for, one search of the chunk's text per blocklist phrase. Each is checked to decide exactly
+what the row-by-row version decides (tests/test_data_prep.py). Rows are read and written as
+JSON by orjson; the prepared files hold compact JSON lines (no spaces after ":" and ",").
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import math
 import os
 import re
 import shutil
 import time
 import unicodedata
-import zlib
 from array import array
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -59,12 +68,13 @@ from engine.data_formats import (
     row_texts,
 )
 from engine.data_report import EXAMPLES_PER_KIND, DataReport, LengthStats
-import itertools
+from orjson import dumps as _orjson_dumps
 
 if TYPE_CHECKING:
     from engine.profile import LoadedProfile, Profile
 
-PREP_VERSION = 1  # bump when the same input and settings would give a different output
+PREP_VERSION = 2  # bump when the same input and settings would give a different output
+# 2: rensa MinHash (different near-duplicate choices), compact JSON lines from orjson
 NUM_PERM = 128
 CHUNK_BYTES = 4 << 20
 BATCH_ROWS = 2000
@@ -279,38 +289,186 @@ def normalize_text(text: str) -> str:
     return text.strip()
 
 
-_K1, _K2 = 0x9E3779B1, 0x85EBCA77
+# normalize_texts: what normalize_text would change, looked for in UTF-8 bytes with numpy
+_CONTROL_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, 0x0D, *range(0x0E, 0x20), 0x7F])  # _CONTROL
+_SPECIAL_UTF8 = [chr(c).encode() for c in _UNICODE_FIXES]  # 2 and 3 bytes each
+_NORMALIZE_SCAN: dict[str, Any] = {}
+
+
+def normalize_texts(texts: list[str]) -> list[str]:
+    """``[normalize_text(t) for t in texts]``, several times faster on text that needs little.
+
+    normalize_text returns ``t.strip()`` unless ``t`` holds a control character, a space or tab
+    before a line end, three line ends in a row, one of the characters it replaces, or is not
+    NFC. All but the last show in the UTF-8 bytes (ASCII bytes there are only ASCII characters),
+    so numpy finds them for a batch of texts at once; only the texts that have one (or are not
+    NFC) go through normalize_text."""
+    import numpy as np
+
+    sc = _NORMALIZE_SCAN
+    if not sc:
+        control = np.arange(256, dtype=np.uint8)
+        assert bytes(np.flatnonzero(((control < 32) & ((control - np.uint8(9)) > 1)) | (control == 127)).tolist()) == _CONTROL_BYTES
+        sc["lead"] = np.array(sorted({b[0] for b in _SPECIAL_UTF8}), dtype=np.uint8)
+        sc["two"] = np.array([int.from_bytes(b, "big") for b in _SPECIAL_UTF8 if len(b) == 2])
+        sc["three"] = np.array([int.from_bytes(b, "big") for b in _SPECIAL_UTF8 if len(b) == 3])
+        assert all(len(b) in (2, 3) for b in _SPECIAL_UTF8)
+    encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
+    slow = [False] * len(texts)
+    i = 0
+    while i < len(texts):
+        size, j = len(encoded[i]), i + 1
+        while j < len(texts) and size + 1 + len(encoded[j]) <= SKETCH_BYTES:
+            size += 1 + len(encoded[j])
+            j += 1
+        # 0xff (never in UTF-8) between texts and after the last: no pattern spans two texts
+        data = np.frombuffer(b"\xff".join(encoded[i:j]) + b"\xff\xff", dtype=np.uint8)
+        # control characters: below 32 but tab (9) and line end (10), or 127
+        flag = ((data < 32) & ((data - np.uint8(9)) > 1)) | (data == 127)
+        nl = data == 10
+        flag[:-1] |= ((data[:-1] == 32) | (data[:-1] == 9)) & nl[1:]  # " \n", "\t\n"
+        flag[:-2] |= nl[:-2] & nl[1:-1] & nl[2:]  # "\n\n\n"
+        lead = np.flatnonzero(np.isin(data[:-2], sc["lead"]))
+        if len(lead):
+            code = (data[lead].astype(np.int64) << 16) | (data[lead + 1].astype(np.int64) << 8) | data[lead + 2]
+            flag[lead[np.isin(code, sc["three"]) | np.isin(code >> 8, sc["two"])]] = True
+        places = np.flatnonzero(flag)
+        if len(places):
+            start = np.zeros(j - i, dtype=np.int64)
+            np.cumsum([len(e) + 1 for e in encoded[i:j - 1]], out=start[1:])
+            for k in np.unique(np.searchsorted(start, places, side="right") - 1).tolist():
+                slow[i + k] = True
+        i = j
+    return [normalize_text(t) if bad or not (t.isascii() or unicodedata.is_normalized("NFC", t))
+            else t.strip() for t, bad in zip(texts, slow, strict=True)]
+
+
+# Text per numpy pass (sketching, normalising): small enough that the arrays stay in cache and
+# are reused from the heap; with larger ones a pass can map fresh pages, and page faults then
+# cost more than the arithmetic
+SKETCH_BYTES = 1 << 16
 
 
 class _Sketcher:
-    """MinHash signatures (datasketch) of a text's word 3-grams, cut into LSH band keys."""
+    """MinHash signatures (rensa's R-MinHash) of each text's lower-cased word 3-grams, cut into
+    LSH band keys; a text of one or two words is its own words.
+
+    Speed: a batch of texts is handled at once and no Python object is made per word. Words are
+    found and hashed with numpy over the batch's concatenated UTF-8 bytes (a polynomial hash
+    from prefix sums, then a mix), 3-grams are combined from neighbouring word hashes (dropping
+    those that would straddle two rows), and rensa computes every signature from one flat array
+    of 3-gram hashes plus row offsets.
+
+    Words are split at bytes.split()'s ASCII whitespace (bytes 9-13 and 32): a non-ASCII
+    character is never one, and in UTF-8 its bytes are all >= 0x80, so splitting the bytes
+    splits the text at the same places."""
+
+    BASE = 0x9E3779B97F4A7C15  # odd, so it has an inverse modulo 2**64
+    assert array("I").itemsize == 4  # the signatures' 32-bit values (see _batch)
 
     def __init__(self, bands: int, rows: int):
         import numpy as np
-        from datasketch import MinHash
+        from rensa import RMinHash
 
         self.np = np
-        # one sketch, cleared for each row; int() passes our 32-bit shingle hashes through
-        self.sketch = MinHash(num_perm=NUM_PERM, seed=1, hashfunc=int, scheme="affine32")
+        self._digests = RMinHash.digest_matrix_from_flat_token_hashes
         self.bands, self.rows = bands, rows
         rng = np.random.RandomState(7)
         self.mult = (rng.randint(1, 1 << 62, size=rows, dtype=np.uint64) * np.uint64(2) + np.uint64(1))
         self.band_salt = np.arange(bands, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        self.inverse = pow(self.BASE, -1, 1 << 64)
+        # BASE**i and BASE**-i (modulo 2**64) for i < SKETCH_BYTES; see _powers for longer texts
+        self.pow_table = self._power_table(self.BASE, SKETCH_BYTES)
+        self.inv_table = self._power_table(self.inverse, SKETCH_BYTES)
 
-    def band_keys(self, text: str):
-        """The band keys (a uint64 array), or None for a text without words."""
+    def _power_table(self, base: int, n: int):
         np = self.np
-        words = text.lower().encode("utf-8", "surrogatepass").split()
-        if not words:
-            return None
-        h = np.fromiter(map(zlib.crc32, words), dtype=np.uint32, count=len(words))
-        if len(h) >= 3:
-            h = (h[:-2] * np.uint32(_K1)) ^ (h[1:-1] * np.uint32(_K2)) ^ h[2:]
-        m = self.sketch
-        m.clear()
-        m.update_batch(h.tolist())
-        hv = m.hashvalues[: self.bands * self.rows].astype(np.uint64).reshape(self.bands, self.rows)
-        return (hv * self.mult).sum(axis=1, dtype=np.uint64) + self.band_salt
+        t = np.full(n, base, dtype=np.uint64)
+        t[0] = 1
+        return np.cumprod(t, dtype=np.uint64)  # uint64 products wrap: arithmetic modulo 2**64
+
+    def _powers(self, table, base: int, positions):
+        """``base ** positions`` (modulo 2**64) from ``table`` = base ** range(SKETCH_BYTES); a
+        position past the table (in a text longer than SKETCH_BYTES) takes two look-ups."""
+        np = self.np
+        if len(positions) == 0 or int(positions.max()) < SKETCH_BYTES:
+            return np.take(table, positions)
+        high = self._power_table(pow(base, SKETCH_BYTES, 1 << 64), int(positions.max()) // SKETCH_BYTES + 1)
+        return table[positions % SKETCH_BYTES] * high[positions // SKETCH_BYTES]
+
+    def band_keys(self, lowered: list[str]):
+        """Band keys of lower-cased texts: a uint64 array [texts, bands], and the indices of the
+        texts without words (their keys are meaningless)."""
+        np = self.np
+        out = np.zeros((len(lowered), self.bands), dtype=np.uint64)
+        empty: list[int] = []
+        encoded = [t.encode("utf-8", "surrogatepass") for t in lowered]
+        i = 0
+        while i < len(encoded):  # batches of up to SKETCH_BYTES (or one longer text)
+            size, j = len(encoded[i]), i + 1
+            while j < len(encoded) and size + 1 + len(encoded[j]) <= SKETCH_BYTES:
+                size += 1 + len(encoded[j])
+                j += 1
+            keys, no_words = self._batch(encoded[i:j])
+            out[i:j] = keys
+            empty += (no_words + i).tolist()
+            i = j
+        return out, empty
+
+    def _batch(self, encoded: list[bytes]):
+        np = self.np
+        n = len(encoded)
+        u64 = np.uint64
+        # "\n" (a space) between rows: no word runs from one row into the next
+        data = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)
+        row_start = np.zeros(n, dtype=np.int64)
+        np.cumsum([len(e) + 1 for e in encoded[:-1]], out=row_start[1:])
+        inside = np.zeros(len(data) + 2, dtype=bool)
+        # not whitespace (9-13 or 32); comparisons run several times faster than a table look-up
+        inside[1:-1] = ~(((data - np.uint8(9)) < 5) | (data == 32))
+        edges = np.flatnonzero(inside[1:] != inside[:-1])
+        start, end = edges[0::2], edges[1::2]  # words: data[start[k]:end[k]]
+        # word hash = sum((byte + 1) * BASE**offset in the word), from prefix sums over the batch
+        if len(data) <= SKETCH_BYTES:
+            powers = self.pow_table[: len(data)]
+        else:
+            powers = self._powers(self.pow_table, self.BASE, np.arange(len(data)))
+        prefix = np.zeros(len(data) + 1, dtype=np.uint64)
+        values = data.astype(np.uint64)
+        values += 1
+        values *= powers
+        np.cumsum(values, out=prefix[1:])
+        words = (np.take(prefix, end) - np.take(prefix, start)) * self._powers(self.inv_table, self.inverse, start)
+        words ^= words >> u64(32)
+        words *= u64(0xD6E8FEB86659FD93)
+        words ^= words >> u64(32)
+        # words of row r: first[r] to first[r + 1]
+        first = np.searchsorted(start, row_start)
+        count = np.diff(first, append=len(words))
+        # 3-gram k = words k, k+1, k+2; a row of n >= 3 words has n - 2 of them (the last two
+        # starts would run into the next row), a row of one or two words keeps its words
+        tokens = words.copy()
+        if len(words) >= 3:
+            g = (words[:-2] * u64(0x9E3779B97F4A7C15)) ^ (words[1:-1] * u64(0xC2B2AE3D27D4EB4F)) ^ words[2:]
+            g ^= g >> u64(29)
+            g *= u64(0xBF58476D1CE4E5B9)
+            g ^= g >> u64(32)
+            tokens[:-2] = g
+        keep = np.ones(len(words), dtype=bool)
+        long_end = (first + count)[count >= 3]
+        keep[long_end - 1] = keep[long_end - 2] = False
+        for r in np.flatnonzero((count == 1) | (count == 2)).tolist():  # rare
+            tokens[first[r]:first[r] + count[r]] = words[first[r]:first[r] + count[r]]
+        tokens = tokens[keep]
+        offsets = np.zeros(n + 1, dtype=np.uint64)
+        np.cumsum(np.where(count >= 3, count - 2, count), out=offsets[1:])
+        # rensa gives the signatures as lists; array("I") takes them in faster than np.array
+        rows = self._digests(tokens, offsets, NUM_PERM, 1).to_rows()
+        sig = np.frombuffer(array("I", itertools.chain.from_iterable(rows)), dtype=np.uint32)
+        sig = sig.reshape(n, NUM_PERM).astype(np.uint64)
+        hv = sig[:, : self.bands * self.rows].reshape(n, self.bands, self.rows)
+        keys = (hv * self.mult).sum(axis=2, dtype=np.uint64) + self.band_salt
+        return keys, np.flatnonzero(count == 0)
 
 
 def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
@@ -324,29 +482,43 @@ def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
 class NearDupIndex:
     """The LSHBloom index: one Bloom filter (rbloom) over every band key seen. A row whose band
     key was seen before is a near-duplicate candidate, as in datasketch's MinHashLSHBloom;
-    filters are added as it fills, so the false-positive rate holds for any number of rows."""
+    filters are added as it fills, so the false-positive rate holds for any number of rows.
 
-    def __init__(self, expected_rows: int, bands: int, error_rate: float = 1e-6):
+    Speed: each key added sets ``hashes`` bits at random places of a filter far larger than the
+    CPU caches, so it costs about one memory access per hash. A filter of the optimal size for
+    1e-6 needs 19 hashes; one 1.6 times larger needs 7 for the same rate, which makes adding a
+    row's keys about twice as fast. rbloom derives its size and hash count from the capacity
+    and rate it is given, so it gets the pair that yields those two numbers."""
+
+    def __init__(self, expected_rows: int, bands: int, error_rate: float = 1e-6, hashes: int = 7):
         from rbloom import Bloom
 
         self._Bloom = Bloom
-        self.error_rate = error_rate
+        self.error_rate, self.hashes = error_rate, hashes
         self.capacity = max(expected_rows, 10_000) * bands
-        self.filters = [Bloom(self.capacity, error_rate)]
+        self.filters = [self._new_filter()]
         self.used = 0
+
+    def _new_filter(self):
+        """A filter holding ``capacity`` keys at ``error_rate`` with ``hashes`` hash functions.
+
+        m bits and k hashes give (1 - exp(-k n / m)) ** k false positives at n keys; rbloom
+        makes m = -n' ln p' / ln(2)**2 bits and int(m / n' ln 2) hashes from (n', p'), so
+        p' = 2 ** -(k + 0.5) gives k hashes and n' scales m to the size needed."""
+        k = self.hashes
+        bits = self.capacity * -k / math.log(1 - self.error_rate ** (1 / k))
+        rate = 2.0 ** -(k + 0.5)
+        return self._Bloom(math.ceil(bits * math.log(2) ** 2 / -math.log(rate)), rate)
 
     def seen_or_add(self, keys: list[int]) -> bool:
         for f in self.filters:
-            for k in keys:
-                if k in f:
-                    return True
+            if any(map(f.__contains__, keys)):
+                return True
         if self.used + len(keys) > self.capacity:
             self.capacity *= 2
-            self.filters.append(self._Bloom(self.capacity, self.error_rate))
+            self.filters.append(self._new_filter())
             self.used = 0
-        last = self.filters[-1]
-        for k in keys:
-            last.add(k)
+        self.filters[-1].update(keys)
         self.used += len(keys)
         return False
 
@@ -382,24 +554,31 @@ class TokenCounter:
 
 @dataclass
 class ChunkResult:
-    """What the workers send back for one chunk: per kept row a tuple, plus counts and times."""
+    """What the workers send back for one chunk: counts, times and, for every row read, what the
+    main process needs to decide on it. Per-row values travel as arrays and one byte string:
+    unpickling millions of small Python objects would cost the main process."""
 
     lines: int = 0  # lines consumed (byte-range chunks), to number the next chunk's lines
     relative: bool = False  # row lines count from the chunk start
-    rows: list[tuple] = field(default_factory=list)
     bad: list[tuple[str, int | None, str]] = field(default_factory=list)
     bad_count: int = 0
     read: int = 0
     normalized: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
-    # per row, as arrays: unpickling millions of big Python ints would cost the main process
+    files: list[str] = field(default_factory=list)  # per row (the same string object repeated)
+    row_lines: Any = None  # int64 [rows]
+    chars: Any = None  # int64 [rows], before PII placeholders
+    short: Any = None  # bool [rows]: no text at all
+    tokens: Any = None  # int64 [rows] exact token counts, or None without a tokenizer
+    labels: list[str | None] | None = None  # with a label column
+    pii: dict[int, dict[str, Any]] = field(default_factory=dict)  # rows holding personal data
+    blocked: list[int] = field(default_factory=list)  # rows holding a blocklisted phrase
+    payload: bytes = b""  # when writing: the rows' JSON lines ("\n" after each), in row order
+    payload_ends: Any = None  # int64 [rows]: where each row's line ends in payload
+    snippets: list[str] | None = None  # when not writing: the start of each row's text
     hashes: Any = None  # uint64 [rows]
     bands: Any = None  # uint64 [rows, bands], or None without near-duplicate detection
     no_bands: list[int] = field(default_factory=list)  # rows without words (no band keys)
-
-
-# Row tuple fields
-R_LINE, R_FILE, R_CHARS, R_TOKENS, R_HASH, R_BANDS, R_LABEL, R_PII, R_BLOCKED, R_PAYLOAD, R_SHORT = range(11)
 
 
 class RowProcessor:
@@ -424,85 +603,167 @@ class RowProcessor:
             return False  # substring tests are much faster than the expression; it confirms
         return self.block.search(low) is not None
 
+    def _blocked_rows(self, lowered: list[str]) -> list[bool]:
+        """``[self._blocked(low) for low in lowered]``. With a few phrases, each is looked for
+        once in the whole chunk's text, and only the rows where one occurs are tested."""
+        if len(self.phrases) > 32 or not all(self.phrases):
+            return [self._blocked(low) for low in lowered]
+        import bisect
+
+        # a phrase found across two rows only makes a row a candidate: every candidate is tested
+        text = "\n".join(lowered)
+        starts = list(itertools.accumulate((len(x) + 1 for x in lowered[:-1]), initial=0))
+        maybe: set[int] = set()
+        for phrase in self.phrases:
+            pos = text.find(phrase)
+            while pos >= 0:
+                maybe.add(bisect.bisect_right(starts, pos) - 1)
+                pos = text.find(phrase, pos + 1)
+        blocked = [False] * len(lowered)
+        for i in maybe:
+            blocked[i] = self._blocked(lowered[i])
+        return blocked
+
     def process(self, rows: Iterator[tuple[str, int, dict[str, Any]]], result: ChunkResult) -> None:
+        """Steps 2-7 over a chunk of rows. Each step runs over the whole chunk before the next,
+        so the chunk-level work (MinHash, PII pre-scan, token counting) sees every row at once
+        and each step is timed once a chunk rather than once a row."""
+        import numpy as np
+
         s, fmt = self.s, self.fmt
         t = result.seconds
         clock = time.process_time
-        pending: list[tuple] = []
-        for name, line, data in rows:
-            t0 = clock()
+
+        def spent(step: str, since: float) -> float:
+            now = clock()
+            t[step] = t.get(step, 0.0) + (now - since)
+            return now
+
+        t0 = clock()
+        names: list[str] = []
+        lines: list[int] = []
+        shaped: list[dict[str, Any]] = []
+        labels: list[str | None] = []
+        for name, line, data in rows:  # reading the lines happens in this loop too
             try:
-                shaped = normalize_row(data, fmt, s.columns)
+                shaped.append(normalize_row(data, fmt, s.columns))
             except ValueError as exc:
                 result.bad_count += 1
                 if len(result.bad) < MAX_BAD_KEPT:
                     result.bad.append((name, line, str(exc)))
                 continue
-            result.read += 1
-            label = None
+            names.append(name)
+            lines.append(line)
             if s.label_column:
                 v = data.get(s.label_column)
-                label = "(missing)" if v is None or v == "" else str(v)
-            t1 = clock()
-            t["read"] = t.get("read", 0.0) + (t1 - t0)
-            if s.normalize:
-                fixed = map_texts(shaped, normalize_text)
-                if fixed != shaped:
+                labels.append("(missing)" if v is None or v == "" else str(v))
+        n = len(shaped)
+        result.read += n
+        if not s.label_column:
+            labels = [None] * n
+        t0 = spent("read", t0)
+
+        pieces = [row_texts(row) for row in shaped]
+        if s.normalize:
+            flat = [x for p in pieces for x in p]
+            fixed = iter(normalize_texts(flat))
+            for i, p in enumerate(pieces):
+                new = [next(fixed) for _ in p]
+                if new != p:  # as map_texts(row, normalize_text) != row
                     result.normalized += 1
-                    shaped = fixed
-            texts = row_texts(shaped)
-            joined = "\n".join(texts)
-            t2 = clock()
-            t["normalize"] = t.get("normalize", 0.0) + (t2 - t1)
-            chars = len(joined)
-            short = not joined.strip()
-            canon = json.dumps(shaped, ensure_ascii=False)
-            h = int.from_bytes(hashlib.blake2b(canon.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-            t3 = clock()
-            t["dedup"] = t.get("dedup", 0.0) + (t3 - t2)
-            bands = self.sketcher.band_keys(joined) if self.sketcher else None
-            t4 = clock()
-            t["near_dedup"] = t.get("near_dedup", 0.0) + (t4 - t3)
-            pii: dict[str, Any] | None = None
-            found: list = []
-            if self.detect_pii and self.scrubber.find(joined):
-                def scrub(x: str, found: list = found) -> str:
-                    out, hits = self.scrubber.scrub(x)
-                    found.extend(hits)
-                    return out
+                    it = iter(new)
+                    shaped[i] = map_texts(shaped[i], lambda _x, it=it: next(it))
+                    pieces[i] = new
+        joined = ["\n".join(p) for p in pieces]
+        chars = [len(x) for x in joined]  # before PII placeholders change the text
+        short = [not x.strip() for x in joined]
+        t0 = spent("normalize", t0)
 
-                scrubbed = map_texts(shaped, scrub)
-                counts = Counter(hit.kind for hit in found)
-                pii = {"counts": dict(counts),
-                       "examples": [(hit.kind, self.mask(hit.value, hit.kind)) for hit in found[:4]]}
-                if s.scrub_pii:
-                    shaped = scrubbed
-                    canon = json.dumps(shaped, ensure_ascii=False)
-                    joined = "\n".join(row_texts(shaped))
-            t5 = clock()
-            t["pii"] = t.get("pii", 0.0) + (t5 - t4)
-            blocked = bool(self.block and self._blocked(joined.lower()))
-            t6 = clock()
-            t["blocklist"] = t.get("blocklist", 0.0) + (t6 - t5)
-            pending.append([line, name, chars, None, h, bands, label, pii, blocked,
-                            canon if s.write else joined[:120], short, joined if self.tokens else None])
-        if self.tokens:
-            t0 = clock()
-            counts = self.tokens.count([r[-1] for r in pending])
-            for r, n in zip(pending, counts, strict=True):
-                r[R_TOKENS] = n
-            t["length"] = t.get("length", 0.0) + (clock() - t0)
-        import numpy as np
+        canon = [_dumps(row) for row in shaped]
+        # 8-byte BLAKE2b digests read as little-endian uint64, straight into the array sent back
+        result.hashes = np.frombuffer(b"".join([_digest8(c) for c in canon]), dtype="<u8").astype(np.uint64)
+        t0 = spent("dedup", t0)
 
-        result.hashes = np.fromiter((r[R_HASH] for r in pending), dtype=np.uint64, count=len(pending))
+        lowered: list[str] | None = None  # joined.lower(): for near-duplicates, PII keywords, blocklist
         if self.sketcher is not None:
-            zero = np.zeros(self.sketcher.bands, dtype=np.uint64)
-            result.no_bands = [i for i, r in enumerate(pending) if r[R_BANDS] is None]
-            result.bands = (np.stack([zero if r[R_BANDS] is None else r[R_BANDS] for r in pending])
-                            if pending else np.zeros((0, self.sketcher.bands), dtype=np.uint64))
-        for r in pending:
-            r[R_HASH] = r[R_BANDS] = None
-        result.rows.extend(tuple(r[:-1]) for r in pending)
+            lowered = [x.lower() for x in joined]
+            result.bands, result.no_bands = self.sketcher.band_keys(lowered)
+            t0 = spent("near_dedup", t0)
+
+        pii: list[dict[str, Any] | None] = [None] * n
+        if self.detect_pii:
+            sc = self.scrubber
+            hit_rows = [i for i, spans in enumerate(sc.find_many(joined, lowered)) if spans]
+            # each text of those rows is scrubbed on its own (as the row's JSON holds them)
+            pieces = [row_texts(shaped[i]) for i in hit_rows]
+            found_in = iter(sc.find_many([x for p in pieces for x in p]))
+            for i, texts in zip(hit_rows, pieces, strict=True):
+                found: list = []
+                replaced = []
+                for x in texts:
+                    out, hits = sc.replace(x, next(found_in))
+                    replaced.append(out)
+                    found.extend(hits)
+                it = iter(replaced)
+                scrubbed = map_texts(shaped[i], lambda _x, it=it: next(it))
+                counts = Counter(hit.kind for hit in found)
+                pii[i] = {"counts": dict(counts),
+                          "examples": [(hit.kind, self.mask(hit.value, hit.kind)) for hit in found[:4]]}
+                if s.scrub_pii:
+                    shaped[i] = scrubbed
+                    canon[i] = _dumps(scrubbed)
+                    joined[i] = "\n".join(row_texts(scrubbed))
+                    if lowered is not None:
+                        lowered[i] = joined[i].lower()
+            t0 = spent("pii", t0)
+
+        blocked = [False] * n
+        if self.block is not None:
+            if lowered is None:
+                lowered = [x.lower() for x in joined]
+            blocked = self._blocked_rows(lowered)
+            t0 = spent("blocklist", t0)
+
+        tokens: list[int] = []
+        if self.tokens:
+            tokens = list(self.tokens.count(joined))
+            t0 = spent("length", t0)
+
+        result.files = names
+        result.row_lines = np.array(lines, dtype=np.int64)
+        result.chars = np.array(chars, dtype=np.int64)
+        result.short = np.array(short, dtype=bool)
+        if self.tokens:
+            result.tokens = np.array(tokens, dtype=np.int64)
+        if s.label_column:
+            cache: dict[str | None, str | None] = {}  # one object per label: pickled once
+            result.labels = [cache.setdefault(x, x) for x in labels]
+        result.pii = {i: p for i, p in enumerate(pii) if p}
+        result.blocked = [i for i, b in enumerate(blocked) if b]
+        if s.write:
+            canon.append(b"")
+            result.payload = b"\n".join(canon)
+            result.payload_ends = np.cumsum([len(c) + 1 for c in canon[:-1]], dtype=np.int64)
+        else:
+            result.snippets = [x[:120] for x in joined]
+        if self.sketcher is not None and n == 0:
+            result.bands = np.zeros((0, self.sketcher.bands), dtype=np.uint64)
+
+
+def _digest8(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=8).digest()
+
+
+def _dumps(row: dict[str, Any]) -> bytes:
+    """A row as one line of JSON (UTF-8, keys in order), as written to the prepared files.
+
+    orjson writes what json.dumps(ensure_ascii=False) writes, without the spaces after ":" and
+    ",", at a fraction of the cost. It refuses lone surrogates (which JSON input can hold as
+    escapes): such a row is written with them escaped, so every output line is valid UTF-8."""
+    try:
+        return _orjson_dumps(row)
+    except TypeError:
+        return json.dumps(row).encode("ascii")
 
 
 # --------------------------------------------------------------------------------------------
@@ -524,13 +785,11 @@ def _run_range(task: tuple[str, int, int]) -> ChunkResult:
     bad: list[tuple[str, int | None, str]] = []
 
     def rows() -> Iterator[tuple[str, int, dict[str, Any]]]:
-        clock = time.process_time
-        spent = 0.0
+        # timed by RowProcessor.process, which runs this loop
         with open(path, "rb") as fh:
             fh.seek(start)
             n = 0
             while fh.tell() < end:
-                t0 = clock()
                 raw, err = read_line(fh, path, n + 1)
                 if raw is None:
                     break
@@ -542,14 +801,12 @@ def _run_range(task: tuple[str, int, int]) -> ChunkResult:
                         continue
                     try:
                         row = parse_json_line(raw, path, n)
-                        spent += clock() - t0
                         yield path, n, row
                         continue
                     except DataError as exc:
                         err = exc
                 bad.append((path, n, err.message))
             result.lines = n
-        result.seconds["read"] = result.seconds.get("read", 0.0) + spent
 
     assert _WORKER is not None
     _WORKER.process(rows(), result)
@@ -605,6 +862,9 @@ class _State:
     label_ids: dict[str, int] = field(default_factory=dict)
     train_labels: array = field(default_factory=lambda: array("i"))
     kept: int = 0
+    # where each row written to the train file ends, for the split (see Pipeline._finish)
+    train_ends: array = field(default_factory=lambda: array("q"))
+    train_bytes: int = 0
 
 
 class Pipeline:
@@ -651,7 +911,7 @@ class Pipeline:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             for role in ("train", "validation"):
                 tmp[role] = self.out_dir / f".{role}.all.jsonl"
-                handles[role] = open(tmp[role], "w", encoding="utf-8", newline="\n")
+                handles[role] = open(tmp[role], "wb")  # rows arrive as UTF-8 JSON bytes
         pool = None
         try:
             for role, src in inputs:
@@ -783,6 +1043,13 @@ class Pipeline:
         line_base = 0
         clock = time.process_time
         file_ids: dict[str, int] = {}
+        # settings and state as locals: this loop runs once per row in one process
+        min_chars, max_chars, min_tokens, max_tokens = s.min_chars, s.max_chars, s.min_tokens, s.max_tokens
+        max_seq_len, label_column = s.max_seq_len, s.label_column
+        seen, seen_get, index = st.seen, st.seen.get, st.near
+        keep_chars, keep_tokens, train_labels, train_ends = (st.chars.append, st.tokens.append,
+                                                             st.train_labels.append, st.train_ends.append)
+        is_train = role == "train"
         for res in chunks:
             if res.relative:
                 res.bad = [(f, (ln + line_base) if ln else ln, m) for f, ln, m in res.bad]
@@ -793,45 +1060,53 @@ class Pipeline:
                 steps[k].seconds += v
             t0 = clock()
             hashes = res.hashes.tolist() if res.hashes is not None else []
-            bands = res.bands.tolist() if res.bands is not None else None
+            bands = res.bands.tolist() if res.bands is not None and index is not None else None
             if bands is not None:
                 for i in res.no_bands:
                     bands[i] = None
-            for i, r in enumerate(res.rows):
-                line = r[R_LINE] + line_base if res.relative else r[R_LINE]
-                chars = r[R_CHARS]
-                exact_tokens = r[R_TOKENS]
+            base = line_base if res.relative else 0
+            files, lines, chars_of = res.files, res.row_lines.tolist(), res.chars.tolist()
+            short, pii_of, blocked = res.short.tolist(), res.pii, set(res.blocked)
+            exact = res.tokens.tolist() if res.tokens is not None else None
+            labels = res.labels
+            ends = res.payload_ends.tolist() if res.payload_ends is not None else None
+            runs: list[tuple[int, int]] = []  # kept rows' byte ranges in res.payload, merged
+            kept = 0
+            for i in range(len(files)):
+                chars = chars_of[i]
+                exact_tokens = exact[i] if exact is not None else None
                 tokens = exact_tokens if exact_tokens is not None else -(-chars // CHARS_PER_TOKEN)
-                if (r[R_SHORT] or chars < s.min_chars or (s.max_chars and chars > s.max_chars)
-                        or (exact_tokens is not None and (tokens < s.min_tokens
-                                                          or (s.max_tokens and tokens > s.max_tokens)))):
+                if (short[i] or chars < min_chars or (max_chars and chars > max_chars)
+                        or (exact_tokens is not None and (tokens < min_tokens
+                                                          or (max_tokens and tokens > max_tokens)))):
                     length.removed += 1
                     continue
+                line = lines[i] + base
                 h = hashes[i]
-                first = st.seen.get(h)
+                first = seen_get(h)
                 if first is not None:
                     rep.duplicates += 1
                     if len(rep.duplicate_examples) < EXAMPLES_PER_KIND:
                         rep.duplicate_examples.append(
-                            f"{r[R_FILE]}:{line} repeats {st.files[first >> 40]}:{first & ((1 << 40) - 1)}")
+                            f"{files[i]}:{line} repeats {st.files[first >> 40]}:{first & ((1 << 40) - 1)}")
                     if s.dedup:
                         dedup.removed += 1
                         continue
                 else:
-                    fid = file_ids.get(r[R_FILE])
+                    fid = file_ids.get(files[i])
                     if fid is None:
-                        fid = file_ids[r[R_FILE]] = len(st.files)
-                        st.files.append(r[R_FILE])
-                    st.seen[h] = (fid << 40) | line
+                        fid = file_ids[files[i]] = len(st.files)
+                        st.files.append(files[i])
+                    seen[h] = (fid << 40) | line
                     keys = bands[i] if bands is not None else None
-                    if keys is not None and st.near is not None and st.near.seen_or_add(keys):
+                    if keys is not None and index.seen_or_add(keys):
                         rep.near_duplicates += 1
                         if len(rep.near_duplicate_examples) < EXAMPLES_PER_KIND:
-                            rep.near_duplicate_examples.append(f"{r[R_FILE]}:{line}: {_snippet(r)}")
+                            rep.near_duplicate_examples.append(f"{files[i]}:{line}: {_snippet(res, i)}")
                         if s.near_dedup:
                             near.removed += 1
                             continue
-                pii = r[R_PII]
+                pii = pii_of.get(i)
                 if pii:
                     for kind, n in pii["counts"].items():
                         rep.pii[kind] = rep.pii.get(kind, 0) + n
@@ -840,30 +1115,41 @@ class Pipeline:
                     for kind, masked in pii["examples"]:
                         ex = rep.pii_examples.setdefault(kind, [])
                         if len(ex) < EXAMPLES_PER_KIND:
-                            ex.append(f"{masked} ({r[R_FILE]}:{line})")
-                if r[R_BLOCKED]:
+                            ex.append(f"{masked} ({files[i]}:{line})")
+                if i in blocked:
                     block.removed += 1
                     continue
-                st.kept += 1
-                st.chars.append(chars)
-                st.tokens.append(tokens)
-                if s.max_seq_len and tokens > s.max_seq_len:
+                kept += 1
+                keep_chars(chars)
+                keep_tokens(tokens)
+                if max_seq_len and tokens > max_seq_len:
                     rep.over_max_seq_len += 1
                     if len(rep.over_examples) < EXAMPLES_PER_KIND:
-                        rep.over_examples.append(f"{r[R_FILE]}:{line}: {tokens:,} tokens")
-                if s.label_column:
-                    label = r[R_LABEL]
+                        rep.over_examples.append(f"{files[i]}:{line}: {tokens:,} tokens")
+                if label_column:
+                    label = labels[i]
                     rep.labels[label] = rep.labels.get(label, 0) + 1
                     lid = st.label_ids.setdefault(label, len(st.label_ids))
-                    if role == "train":
-                        st.train_labels.append(lid)
+                    if is_train:
+                        train_labels(lid)
                 if out is not None:
-                    out.write(r[R_PAYLOAD])
-                    out.write("\n")
-                if role == "validation":
-                    rep.validation_rows += 1
-                else:
-                    rep.train_rows += 1
+                    start, end = ends[i - 1] if i else 0, ends[i]
+                    if runs and runs[-1][1] == start:
+                        runs[-1] = (runs[-1][0], end)
+                    else:
+                        runs.append((start, end))
+                    if is_train:
+                        st.train_bytes += end - start
+                        train_ends(st.train_bytes)
+            st.kept += kept
+            if is_train:
+                rep.train_rows += kept
+            else:
+                rep.validation_rows += kept
+            if runs:
+                view = memoryview(res.payload)
+                for start, end in runs:
+                    out.write(view[start:end])
             self._main_seconds["decide"] += clock() - t0
             if res.relative:
                 line_base += res.lines
@@ -917,16 +1203,36 @@ class Pipeline:
                 os.replace(tmp["train"], train_path)
                 os.replace(tmp["validation"], val_path)
             else:
-                with open(tmp["train"], encoding="utf-8") as src, \
-                        open(train_path, "w", encoding="utf-8") as ft, \
-                        open(val_path, "w", encoding="utf-8") as fv:
-                    for i, line in enumerate(src):
-                        (fv if i in val_idx else ft).write(line)
+                _split_file(tmp["train"], st.train_ends, val_idx, train_path, val_path)
                 os.unlink(tmp["train"])
                 if tmp["validation"] is not None and tmp["validation"].exists():
                     os.unlink(tmp["validation"])
             rep.outputs = {"train": str(train_path), "validation": str(val_path)}
         steps["split"].seconds += time.process_time() - t0
+
+
+def _split_file(src: Path, ends: array, held_out: set[int], train: Path, validation: Path) -> None:
+    """Write the rows of ``src`` (row i ends at byte ``ends[i]``) to ``validation`` if their
+    index is in ``held_out``, else to ``train``: one sequential pass through a reused buffer,
+    a read and a write per run of rows rather than per row."""
+    buf = memoryview(bytearray(1 << 20))
+    cut: list[tuple[int, bool]] = []  # (end of a run of rows, whether it is held out)
+    for i in sorted(held_out):
+        cut += [(ends[i - 1] if i else 0, False), (ends[i], True)]
+    cut.append((ends[-1] if len(ends) else 0, False))
+    with open(src, "rb", buffering=0) as fi, open(train, "wb", buffering=0) as ft, \
+            open(validation, "wb", buffering=0) as fv:
+        pos = 0
+        for end, held in cut:
+            out = fv if held else ft
+            while pos < end:
+                n = fi.readinto(buf[:min(end - pos, len(buf))])
+                if not n:
+                    raise OSError(f"{src} ended at byte {pos}, before {end}")
+                view = buf[:n]
+                while view:
+                    view = view[out.write(view):]
+                pos += n
 
 
 def _with_hint(exc: DataError) -> DataError:
@@ -937,11 +1243,16 @@ def _with_hint(exc: DataError) -> DataError:
                      "to leave bad rows out)")
 
 
-def _snippet(r: tuple) -> str:
-    payload = r[R_PAYLOAD]
+def _snippet(res: ChunkResult, i: int) -> str:
+    """The start of row i's text (of its JSON when writing), for a report."""
+    if res.snippets is not None:
+        payload = res.snippets[i]
+    else:
+        ends = res.payload_ends
+        payload = res.payload[int(ends[i - 1]) if i else 0:int(ends[i])].decode("utf-8", "replace")
     if not payload:
         return "near-duplicate of an earlier row"
-    text = " ".join(str(payload).split())
+    text = " ".join(payload.split())
     return (text[:70] + "...") if len(text) > 70 else text
 
 

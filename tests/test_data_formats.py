@@ -15,6 +15,7 @@ from engine.data_formats import (
     iter_raw_rows,
     load_rows,
     normalize_row,
+    parse_json_line,
     resolve_format,
 )
 from tests.conftest import write_jsonl
@@ -192,6 +193,21 @@ def test_skip_counts_every_bad_row_with_file_line_and_reason(tmp_path: Path) -> 
     assert bad[3].message == "expected a JSON object per line, got a list"
     assert bad[4].message == "column 'text': expected text, got a number"
     assert all(str(e).startswith(f"{f}:") for e in bad)
+
+
+def test_json_lines_parse_exactly_as_the_json_module_parses_them() -> None:
+    """orjson parses the lines, but where it would differ from json (integers over 64 bits,
+    NaN, lone surrogates, floats) the row is what json.loads gives."""
+    lines = [b'{"a": 123456789012345678901234567890, "b": -9223372036854775809, "c": 18446744073709551615}',
+             b'{"nan": NaN, "inf": -Infinity, "big": 1e400, "f": 0.1, "e": 1E-7, "z": -0.0}',
+             b'{"s": "\\ud800 lone", "pair": "\\ud83d\\ude00", "ctl": "\\u0000"}',
+             b'{"x": [1, {"y": 2.50, "w": [true, false, null]}], "t": "caf\xc3\xa9"}',
+             b'{"a": 1, "b": 2, "a": 3}',
+             b'  {"spaced": "out"}  \r\n']
+    for raw in lines:
+        got = parse_json_line(raw, "f.jsonl", 1)
+        want = json.loads(raw.decode())
+        assert repr(got) == repr(want) and list(got) == list(want), raw
 
 
 def test_fail_stops_at_the_first_bad_row(tmp_path: Path) -> None:
