@@ -363,12 +363,20 @@ _PRIORITY = {kind: i for i, kind in enumerate(KINDS)}
 # with numpy for what each finder needs before it can match anything:
 #   - an anchor or keyword: every occurrence contains a known 3-byte sequence (an anchor's first
 #     three characters, or a distinctive three letters of a keyword in any ASCII case), found by
-#     one table look-up per byte position; each such place is then checked in Python;
+#     one table look-up per byte position;
+#   - and around it, what the finder's expression needs next to it (_place_may_match): the
+#     whole keyword, then a ":" or "=" after at most some letters, quotes and spaces for
+#     ``key = value``; a character an address can hold on both sides of an "@"; an "@" before
+#     the first space or "/" after "://"; the anchor's first 7 bytes for a token. Only the
+#     places that pass are checked in Python (_checked);
 #   - a run of digits for _find_numbers: runs of [0-9 .()/-] whose first and last digits are at
-#     least 5 apart (what _DIGIT_RUN matches).
+#     least 5 apart (what _DIGIT_RUN matches) with at least 7 digits or 3 dots (fewer make no
+#     IPv4 address, card or phone number);
+#   - for IPv6 addresses without "::" (always a place): 7 colons within 36 characters.
 # These are necessary conditions, so a text without them holds nothing those finders would
 # find, and find_many() gives exactly what find() gives. ASCII bytes in UTF-8 are only ever the
-# ASCII characters themselves, so byte-level matches are character-level matches.
+# ASCII characters themselves, so byte-level matches are character-level matches; a byte of a
+# non-ASCII character (>= 0x80) is taken as anything it might be (a space, a letter).
 
 _ANCHOR_WORDS = (*_TOKENS, "PRIVATE KEY", "://", "@", "::")
 # keyword -> offset of its 3 distinctive letters (rare in ordinary text, unlike "sec" or "aut")
@@ -381,84 +389,243 @@ assert set(_KEYWORD_TRIGRAMS) == {*_ASSIGN_KEYWORDS, *_AUTH_WORDS}
 _LOWERS_TO_ASCII = "\u212a".encode()
 _SCAN_BYTES = 1 << 16  # bytes per numpy pass (see SKETCH_BYTES in data_prep.py)
 _SCAN: dict[str, Any] = {}
+# kinds of place (the table's values): each has its test in _place_may_match
+_AT, _DOUBLE_COLON, _URL, _ALWAYS, _TOKEN = 1, 2, 3, 4, 5  # _ALWAYS: "PRIVATE KEY", KELVIN SIGN
+_KEYWORD_KIND = {tri: 6 + i for i, tri in enumerate(dict.fromkeys(
+    w[k:k + 3] for w, k in _KEYWORD_TRIGRAMS.items()))}  # one kind per trigram ("ssw": two words)
+_WINDOW = 32  # bytes looked at after a keyword for its ":" or "="
+_URL_WINDOW = 256  # bytes looked at after "://" for its "@"
+
+
+def _byte_set(chars: str, non_ascii: bool = False):
+    """A 256-entry bool table: the bytes of these ASCII characters (and every byte >= 0x80)."""
+    import numpy as np
+
+    t = np.zeros(256, dtype=bool)
+    t[list(chars.encode("ascii"))] = True
+    if non_ascii:
+        t[128:] = True
+    return t
 
 
 def _scan_tables() -> dict[str, Any]:
-    """The 2**24-entry table of interesting 3-byte sequences, and what to check at each."""
+    """The 2**24-entry table of interesting 3-byte sequences (the kind of place each is), what
+    to check at each, and the byte tables of _place_may_match."""
     if _SCAN:
         return _SCAN
     import numpy as np
 
-    table = np.zeros(1 << 24, dtype=bool)
+    table = np.zeros(1 << 24, dtype=np.uint8)
     # 3 bytes -> (word, offset of the 3 bytes in it, is a keyword) to check there
     checks: dict[bytes, list[tuple[str, bytes, int, bool]]] = {}
 
-    def mark(prefix: bytes) -> None:  # every 3-byte sequence that starts with prefix
+    def mark(prefix: bytes, kind: int) -> None:  # every 3-byte sequence that starts with prefix
         lo = int.from_bytes(prefix.ljust(3, b"\0"), "big")
-        table[lo: lo + (1 << (8 * (3 - len(prefix))))] = True
+        part = table[lo: lo + (1 << (8 * (3 - len(prefix))))]
+        assert not np.any((part != 0) & (part != kind)), "a 3-byte sequence has one kind"
+        part[:] = kind
 
     for word in _ANCHOR_WORDS:
         w = word.encode()
-        mark(w[:3])
+        kind = {"@": _AT, "::": _DOUBLE_COLON, "://": _URL, "PRIVATE KEY": _ALWAYS}.get(word, _TOKEN)
+        mark(w[:3], kind)
         if len(w) >= 3:  # "@" and "::" are checked by _checked itself
             checks.setdefault(w[:3], []).append((word, w, 0, False))
     for word, k in _KEYWORD_TRIGRAMS.items():
         tri = word[k:k + 3]
         for variant in {"".join(c) for c in itertools.product(*((ch, ch.upper()) for ch in tri))}:
-            mark(variant.encode())
+            mark(variant.encode(), _KEYWORD_KIND[tri])
             checks.setdefault(variant.encode(), []).append((word, word.encode(), k, True))
-    mark(_LOWERS_TO_ASCII)
+    mark(_LOWERS_TO_ASCII, _ALWAYS)
     checks[_LOWERS_TO_ASCII] = []
     # _checked orders words by where they first end, as the automata report them; that is
     # their order only if no word ends another (two words never end at the same place)
     for words in (_ANCHOR_WORDS, tuple(_KEYWORD_TRIGRAMS)):
         assert not any(a != b and a.endswith(b) for a in words for b in words)
-    _SCAN.update(np=np, table=table, pairs=table.reshape(1 << 16, 256).any(axis=1), checks=checks)
+    # token anchors by their first 7 bytes (or fewer): sorted values for each length
+    prefixes: dict[int, set[int]] = {}
+    for word in _TOKENS:
+        w = word.encode()[:7]
+        prefixes.setdefault(len(w), set()).add(int.from_bytes(w, "big"))
+    ascii_space = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f "  # what \s matches in ASCII
+    _SCAN.update(
+        np=np, table=table, pairs=(table != 0).reshape(1 << 16, 256).any(axis=1), checks=checks,
+        prefixes={n: np.array(sorted(v), dtype=np.uint64) for n, v in prefixes.items()},
+        # _EMAIL_LOCAL's last character, _EMAIL_DOMAIN's first
+        local=_byte_set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"),
+        domain=_byte_set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"),
+        # what _URL_CREDENTIALS allows in neither the user nor the password (so its "@" is the
+        # first of these after "://")
+        url_stop=_byte_set("\t\n\x0b\x0c\r /@'\"<>"),
+        # what _ASSIGNED may match between a keyword and its ":" or "=": the letters of its
+        # optional "access_key_id"/"_string", "_", "-", a quote and spaces
+        assign_gap=_byte_set("acceskyidtrngACCESKYIDTRNG_-'\"" + ascii_space, non_ascii=True),
+        key_before=_byte_set(_KEY_PREFIX_LAST + _KEY_PREFIX_LAST.upper()),
+        word=_byte_set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_"),
+        space=_byte_set(ascii_space, non_ascii=True),
+    )
     return _SCAN
 
 
-def _prescan(encoded: list[bytes]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
-    """For each text (UTF-8): the byte offsets of its interesting 3-byte sequences, and the
-    spans (byte offsets) that _DIGIT_RUN matches in it."""
+def _place_may_match(sc: dict[str, Any], data, hits, kinds):
+    """Which of the places ``hits`` (byte offsets in ``data``, of these ``kinds``) a finder
+    could match at, judged by the bytes around them (see the comment above). ``data`` ends
+    with two "\\n" that belong to no text: offsets just past either end land on them."""
+    np = sc["np"]
+    keep = np.ones(len(hits), dtype=bool)
+    last = len(data) - 1
+
+    def window(starts, width: int):  # data[start:start + width] per start, past the end "\n"
+        idx = starts[:, None] + np.arange(width)
+        np.minimum(idx, last, out=idx)
+        return data[idx]
+
+    def first_of(rows, table):  # each row's first byte in table (None: none there)
+        found = table[rows]
+        at = found.argmax(axis=1)
+        return rows[np.arange(len(rows)), at], found.any(axis=1)
+
+    for kind in np.unique(kinds).tolist():
+        sel = np.flatnonzero(kinds == kind)
+        h = hits[sel]
+        if kind == _AT:  # _EMAIL_LOCAL ends just before it ("$" also matches before a "\n")
+            before, before2 = data[h - 1], data[h - 2]  # -1 and -2: the final "\n"s
+            ok = sc["local"][before] | ((before == 10) & sc["local"][before2])
+            keep[sel] = ok & sc["domain"][data[h + 1]]
+        elif kind == _URL:
+            first, found = first_of(window(h + 3, _URL_WINDOW), sc["url_stop"])
+            keep[sel] = (first == 64) | ~found
+        elif kind == _TOKEN:
+            head = window(h, 7).astype(np.uint64) << (np.arange(48, -8, -8, dtype=np.uint64))
+            value = head.sum(axis=1, dtype=np.uint64)
+            ok = np.zeros(len(h), dtype=bool)
+            for n, known in sc["prefixes"].items():
+                v = value >> np.uint64(8 * (7 - n))
+                at = np.minimum(np.searchsorted(known, v), len(known) - 1)
+                ok |= known[at] == v
+            keep[sel] = ok
+        elif kind >= 6:
+            ok = np.zeros(len(h), dtype=bool)
+            for word, k in _KEYWORD_TRIGRAMS.items():
+                if _KEYWORD_KIND[word[k:k + 3]] != kind:
+                    continue
+                w = np.frombuffer(word.encode(), dtype=np.uint8)
+                start = h - k
+                # the whole word in any ASCII case (its letters | 0x20 are the lower-case ones)
+                same = ((window(np.maximum(start, 0), len(w)) | np.uint8(0x20)) == w).all(axis=1)
+                same &= start >= 0
+                end = start + len(w)
+                after = data[np.minimum(end, last)]
+                if word == "bearer":  # _AUTH: spaces after it
+                    same &= sc["space"][after]
+                elif word == "authorization":  # _AUTH: "authorization:"
+                    same &= after == 58
+                else:  # _ASSIGNED: ":" or "=" after what it may skip
+                    if word == "key":  # _find_assignments: after a _KEY_PREFIX word
+                        same &= sc["key_before"][data[start - 1]]  # start 0: the final "\n"
+                    if word == "token":  # _assignment: not part of a longer word
+                        same &= ~sc["word"][after]
+                    first, found = first_of(window(np.minimum(end, last), _WINDOW), ~sc["assign_gap"])
+                    same &= (first == 58) | (first == 61) | ~found
+                ok |= same
+            keep[sel] = ok
+    return keep
+
+
+def _prescan(encoded: list[bytes]) -> dict[int, tuple[list[int], list[tuple[int, int]]]]:
+    """The texts (UTF-8) that a finder could find something in, by index in order, each with
+    the byte offsets of its places (interesting 3-byte sequences that pass _place_may_match)
+    and the spans (byte offsets) that _DIGIT_RUN matches in it and _find_numbers looks into.
+    A text of 7 colons within 36 characters (or with 7 colons, not ASCII) is there for IPv6.
+
+    The table look-ups and digit runs go through the texts _SCAN_BYTES at a time; the tests of
+    the few places found run once over all of them."""
     sc = _scan_tables()
     np = sc["np"]
     n = len(encoded)
+    if not n:
+        return {}
     row_start = np.zeros(n, dtype=np.int64)
     np.cumsum([len(e) + 1 for e in encoded[:-1]], out=row_start[1:])
-    # "\n" between texts: it is in no anchor or keyword and ends a run of digits
+    # "\n" between texts: it is in no anchor or keyword and ends a run of digits; two more
+    # after the last text, so that 3-byte sequences and windows past the end land on "\n"
     data = np.frombuffer(b"\n".join(encoded) + b"\n\n", dtype=np.uint8)
-    code = data[:-2].astype(np.uint32)
-    code <<= 8
-    code |= data[1:-1]
-    code <<= 8
-    code |= data[2:]
-    # a first look-up by the first two bytes (a small table that stays in cache) leaves few
-    # places for the 16 MB table of three bytes
-    pair = (code >> 8).astype(np.uint16)
-    maybe = np.flatnonzero(np.take(sc["pairs"], pair))
-    hits = maybe[np.take(sc["table"], code[maybe])]
-    bounds = [*np.searchsorted(hits, row_start).tolist(), len(hits)]
-    rel = (hits - row_start[np.searchsorted(row_start, hits, side="right") - 1]).tolist()
-    places = [rel[bounds[i]:bounds[i + 1]] for i in range(n)]
-    numbers: list[list[tuple[int, int]]] = [[] for _ in range(n)]
-    # comparisons (several times faster than a table look-up): 0-9, and " ", "(", ")", "-",
-    # ".", "/" (40-47 but for 42-44) that _DIGIT_RUN allows between digits
-    digit = (data - np.uint8(48)) < 10
-    digits = np.flatnonzero(digit)
-    if len(digits) >= 2:
-        run = digit | (data == 32) | (((data - np.uint8(40)) < 8) & ((data - np.uint8(42)) >= 3))
-        # digits in one run have no other character between them
-        other = np.cumsum(~run, dtype=np.int32)[digits]
-        first = np.flatnonzero(np.diff(other, prepend=-1))
-        last = np.append(first[1:], len(digits)) - 1
-        # _DIGIT_RUN matches a run from its first digit to its last, if they are 5+ apart
-        long = digits[last] - digits[first] >= 5
-        run_start, run_end = digits[first][long], digits[last][long] + 1
-        row = np.searchsorted(row_start, run_start, side="right") - 1
-        for r, a, b in zip(row.tolist(), (run_start - row_start[row]).tolist(),
-                           (run_end - row_start[row]).tolist(), strict=True):
-            numbers[r].append((a, b))
-    return places, numbers
+    size = len(data) - 2
+    hit_parts, kind_parts, run_parts, colon_parts = [], [], [], []
+    bounds = [*row_start.tolist(), size + 1]
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and bounds[j + 1] - bounds[i] <= _SCAN_BYTES:
+            j += 1
+        a, b = bounds[i], bounds[j]  # texts i to j - 1 and the "\n" after each
+        seg = data[a:b]
+        code = data[a:b - 1].astype(np.uint32)  # a sequence starting at the last "\n": none
+        code <<= 8
+        code |= data[a + 1:b]
+        code <<= 8
+        code |= data[a + 2:b + 1]
+        # a first look-up by the first two bytes (a small table that stays in cache) leaves
+        # few places for the 16 MB table of three bytes
+        pair = (code >> 8).astype(np.uint16)
+        maybe = np.flatnonzero(np.take(sc["pairs"], pair))
+        if len(maybe):
+            kinds = np.take(sc["table"], code[maybe])
+            found = kinds != 0
+            hit_parts.append(maybe[found] + a)
+            kind_parts.append(kinds[found])
+        # comparisons (several times faster than a table look-up): 0-9, and " ", "(", ")",
+        # "-", ".", "/" (40-47 but for 42-44) that _DIGIT_RUN allows between digits
+        digit = (seg - np.uint8(48)) < 10
+        digits = np.flatnonzero(digit)
+        if len(digits) >= 2:
+            run = digit | (seg == 32) | (((seg - np.uint8(40)) < 8) & ((seg - np.uint8(42)) >= 3))
+            # digits in one run have no other character between them
+            other = np.cumsum(~run, dtype=np.int32)[digits]
+            first = np.flatnonzero(np.diff(other, prepend=-1))
+            last = np.append(first[1:], len(digits)) - 1
+            # _DIGIT_RUN matches a run from its first digit to its last, if they are 5+ apart;
+            # _find_numbers looks for something only in one of 7+ digits or 3+ dots
+            start, end = digits[first], digits[last] + 1
+            long = np.flatnonzero(end - start >= 6)
+            if len(long):
+                start, end = start[long], end[long]
+                dots = np.flatnonzero(seg == 46)
+                dotted = np.searchsorted(dots, end) - np.searchsorted(dots, start) >= 3
+                useful = ((last - first + 1)[long] >= 7) | dotted
+                run_parts.append(np.stack([start[useful], end[useful]]) + a)
+        colon_parts.append(np.flatnonzero(seg == 58) + a)
+        i = j
+    out: dict[int, tuple[list[int], list[tuple[int, int]]]] = {}
+    if hit_parts:
+        hits = np.concatenate(hit_parts)
+        hits = hits[_place_may_match(sc, data, hits, np.concatenate(kind_parts))]
+        row = np.searchsorted(row_start, hits, side="right") - 1
+        for r, p in zip(row.tolist(), (hits - row_start[row]).tolist(), strict=True):
+            if r in out:
+                out[r][0].append(p)
+            else:
+                out[r] = ([p], [])
+    if run_parts:
+        runs = np.concatenate(run_parts, axis=1)
+        row = np.searchsorted(row_start, runs[0], side="right") - 1
+        for r, a, b in zip(row.tolist(), (runs[0] - row_start[row]).tolist(),
+                           (runs[1] - row_start[row]).tolist(), strict=True):
+            if r not in out:
+                out[r] = ([], [])
+            out[r][1].append((a, b))
+    colons = np.concatenate(colon_parts)
+    if len(colons) >= 7:
+        row = np.searchsorted(row_start, colons, side="right") - 1
+        many = np.flatnonzero(np.bincount(row, minlength=n) >= 7)
+        if len(many):
+            # _ipv6_candidates looks for 7 colons within 36 characters: at most 36 bytes apart
+            # in ASCII text (a run of them across two texts only adds a text to look at)
+            close = set(row[:-6][colons[6:] - colons[:-6] <= 36].tolist())
+            for r in many.tolist():
+                if r not in out and (r in close or not encoded[r].isascii()):
+                    out[r] = ([], [])
+    return dict(sorted(out.items())) if out else out
 
 
 def _checked(text: str, data: bytes, places: list[int]) -> tuple[dict[str, list[int]], dict[str, list[int]] | None]:
@@ -515,27 +682,15 @@ class Scrubber:
     def find_many(self, texts: list[str], lowered: list[str] | None = None) -> list[list[Span]]:
         """``[find(t) for t in texts]``, several times faster on text that mostly holds nothing
         to find (see _prescan). ``lowered`` may give ``t.lower()`` of each text."""
-        out: list[list[Span]] = []
+        out: list[list[Span]] = [[] for _ in texts]  # most rows: nothing any finder could match
         encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
-        i = 0
-        while i < len(texts):
-            size, j = len(encoded[i]), i + 1
-            while j < len(texts) and size + 1 + len(encoded[j]) <= _SCAN_BYTES:
-                size += 1 + len(encoded[j])
-                j += 1
-            places, numbers = _prescan(encoded[i:j])
-            for k in range(i, j):
-                text, data, runs = texts[k], encoded[k], numbers[k - i]
-                if not places[k - i] and not runs and text.count(":") < 7:
-                    out.append([])  # nothing any finder could match (most rows)
-                    continue
-                anchors, keywords = _checked(text, data, places[k - i])
-                if runs and len(data) != len(text):  # not ASCII: to character positions
-                    runs = [(c, c + b - a) for a, b in runs
-                            for c in (len(data[:a].decode("utf-8", "surrogatepass")),)]
-                out.append(self._find(text, anchors, keywords, runs,
-                                      lowered[k] if lowered is not None else None))
-            i = j
+        for i, (places, runs) in _prescan(encoded).items():
+            text, data = texts[i], encoded[i]
+            anchors, keywords = _checked(text, data, places)
+            if runs and len(data) != len(text):  # not ASCII: to character positions
+                runs = [(c, c + b - a) for a, b in runs
+                        for c in (len(data[:a].decode("utf-8", "surrogatepass")),)]
+            out[i] = self._find(text, anchors, keywords, runs, lowered[i] if lowered is not None else None)
         return out
 
     def _find(self, text: str, anchors: dict[str, list[int]], keywords: dict[str, list[int]] | None,

@@ -134,6 +134,70 @@ def test_scanning_many_texts_finds_exactly_what_find_finds() -> None:
     assert s.find_many(texts) == expected
     assert s.find_many(texts, [t.lower() for t in texts]) == expected
     assert s.find_many([]) == [] and s.find_many([""]) == [[]]
+    assert [s.find_many([t]) for t in texts[:600]] == [[e] for e in expected[:600]]  # alone
+
+
+def near_miss_texts(n: int, seed: int) -> list[str]:
+    """Texts of what the pre-scan judges by the bytes around a place: keywords in any case with
+    what may or may not come before ":"/"=", "@" and "://" with every kind of neighbour, token
+    prefixes cut anywhere, short and long runs of digits and dots, clusters of colons."""
+    import random
+
+    rnd = random.Random(seed)
+    keywords = ["password", "passwd", "pwd", "secret", "token", "key", "bearer", "authorization"]
+    gap = ["", " ", "  ", "\t", "\n", "\u00a0", "\u2003", "\x1c", "\x85", '"', "'", "_", "-", "access",
+           "_key", "-KEY_ID", "key", "id", "_string", "s", "x", "é", "\u212a", "\u017f", "İ", "ı", ".", "(", ""]
+    after = [":", "=", "=>", ": ", " = ", ":\t", "", " ", "\n", "(", "s", "_x", "-", ";"]
+    values = ["Zx9Yw8Vu7Ts6Rq", "hunter2x9", "abcdefghijklmnop", "Abc123def456ghi789jkl012mno345pqr678stu9",
+              "${VAR}", "<secret>", "short", "QWxhZGRpbjpvcGVuc2VzYW1l", "Basic QWxhZGRpbjpvcGVuc2VzYW1lMTIz",
+              "Token abcdefghij1234567890", "os.environ", "x" * 20, "a1" * 10, ""]
+    before = ["", " ", "\n", "api", "API_", "secret-", "client", "auth", "private_", "my", "x", "é", "_", "-",
+              "Access", "aut", "SECRET"]
+    around_at = ["", " ", "\n", "a", "Z", "9", ".", "%", "+", "-", "_", "é", "(", "@", "x\n", ".\n"]
+    tokens = ["AKIA", "ASIA", "ghp_", "github_pat_", "xox", "xoxb-", "xapp-", "https://hooks.slack.com/",
+              "sk-", "sk-proj-", "sk_live_", "rk_test_", "AIza", "hf_", "glpat-", "npm_", "eyJ", "PRIVATE KEY",
+              "-----BEGIN RSA PRIVATE KEY-----\n"]
+    filler = ["word", "The", "and", "1", "12", "10.0", "5.5.5", "192.168", " ", "\n", "é", "日本", ":", "::", "/"]
+
+    def piece() -> str:
+        r = rnd.random()
+        if r < 0.35:
+            w = rnd.choice(keywords)
+            w = "".join(c.upper() if rnd.random() < 0.3 else c for c in w)
+            return (rnd.choice(before) + w + "".join(rnd.choice(gap) for _ in range(rnd.randint(0, 3)))
+                    + rnd.choice(after) + rnd.choice(values))
+        if r < 0.5:
+            return rnd.choice(around_at) + "@" + rnd.choice(around_at) + rnd.choice(["example.com", "x.io", "b", "", "mail.example.org"])
+        if r < 0.6:
+            user = "".join(rnd.choice(["u", "ser", ":", "pw1234", " ", "/", "'", "<", "é", "\t", "x" * 70,
+                                       "日" * 60 + ":" + "語" * 40])
+                           for _ in range(rnd.randint(0, 4)))
+            return rnd.choice(["https", "ssh", "", "x"]) + "://" + user + rnd.choice(["@", "", "@@"]) + rnd.choice(
+                ["host", "[::1]", "1.2.3.4", "", "/path"])
+        if r < 0.75:
+            t = rnd.choice(tokens)
+            t = t[:rnd.randint(1, len(t))] if rnd.random() < 0.4 else t
+            return rnd.choice(["", " ", "x", "_"]) + t + "".join(
+                rnd.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ234567abcdef_-.") for _ in range(rnd.randint(0, 45)))
+        if r < 0.9:
+            return rnd.choice(["", "call ", "ip ", "card ", "tel: ", "order ", "+"]) + "".join(
+                rnd.choice("0123456789" * 3 + " .()/-") for _ in range(rnd.randint(2, 22)))
+        return ":".join(rnd.choice(["", "a", "fe80", "1", "db8", "0", "ffff", "é"]) for _ in range(rnd.randint(2, 10)))
+
+    return ["".join(piece() + rnd.choice(filler) for _ in range(rnd.randint(0, 8))) for _ in range(n)]
+
+
+def test_the_pre_scan_never_drops_a_place_a_finder_matches() -> None:
+    """_place_may_match and the digit-run and colon tests leave out places and texts by the bytes
+    around them; texts built around exactly those bytes must still give what find gives."""
+    s = Scrubber()
+    for seed in range(3):
+        texts = near_miss_texts(4000, seed)
+        expected = [s.find(t) for t in texts]
+        assert sum(map(bool, expected)) > 500
+        assert s.find_many(texts) == expected
+        assert s.find_many(texts, [t.lower() for t in texts]) == expected
+        assert [s.find_many([t]) for t in texts[:500]] == [[e] for e in expected[:500]]
 
 
 # --------------------------------------------------------------------------------------------
