@@ -554,6 +554,50 @@ def test_parallel_workers_give_the_same_result_and_line_numbers(tmp_path: Path, 
     assert two.report.duplicate_examples[0] == f"{f}:602 repeats {f}:1"
 
 
+def test_byte_ranges_give_the_lines_read_line_gives(tmp_path: Path, monkeypatch) -> None:
+    """A worker reads its byte range at once and cuts it into lines (or line by line when the
+    range may hold a line over the limit): the lines, errors and line numbers of read_line."""
+    import random
+
+    from engine import data_formats
+
+    rnd = random.Random(3)
+    lines = [json.dumps(r) for r in sft_rows(400)]
+    for _ in range(40):
+        lines.insert(rnd.randrange(len(lines)), rnd.choice(["", "   ", "\r", '{"prompt": "cut off', "[1, 2]",
+                                                             json.dumps({"prompt": "x" * 30_000, "completion": "y"}),
+                                                             json.dumps({"prompt": "p" * 9_000, "completion": "c"})]))
+    lines[5] += "\r"
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(("\n".join(lines)).encode())  # no "\n" after the last line
+    monkeypatch.setattr(data_prep, "CHUNK_BYTES", 16_000)
+    monkeypatch.setattr(data_prep, "MAX_ROW_BYTES", 20_000)
+    monkeypatch.setattr(data_formats, "MAX_ROW_BYTES", 20_000)
+    tasks = data_prep._byte_ranges(f, f.stat().st_size)
+    modes = set()
+    for path, start, end in tasks:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            expected, n = [], 0
+            while fh.tell() < end:  # the line-by-line reference
+                raw, err = data_formats.read_line(fh, path, n + 1)
+                if raw is None:
+                    break
+                n += 1
+                expected.append((raw, err and str(err)))
+            fh.seek(start)
+            got = [(raw, err and str(err)) for raw, err in data_prep._range_lines(fh, path, start, end)]
+        assert got == expected
+        modes.add(end - start <= 20_000)
+    assert modes == {True, False}
+    errors: list[DataError] = []
+    with open(f, "rb") as fh:
+        reference = list(data_formats.iter_jsonl(fh, str(f), errors))
+    rep = prepare(settings_for(f, workers=1), tmp_path / "ws").report
+    assert rep.rows_read == len(reference) + len(errors) and rep.rows_bad == len(errors) > 0
+    assert sorted(rep.bad_examples) == sorted(str(e) for e in errors)
+
+
 def test_folders_text_csv_and_parquet_go_through_the_pipeline(tmp_path: Path) -> None:
     docs = tmp_path / "docs"
     docs.mkdir()
