@@ -37,6 +37,7 @@ JSON by orjson; the prepared files hold compact JSON lines (no spaces after ":" 
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
@@ -49,6 +50,7 @@ import unicodedata
 from array import array
 from collections import Counter, deque
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -629,6 +631,10 @@ class RowProcessor:
         """Steps 2-7 over a chunk of rows. Each step runs over the whole chunk before the next,
         so the chunk-level work (MinHash, PII pre-scan, token counting) sees every row at once
         and each step is timed once a chunk rather than once a row."""
+        with _gc_paused():
+            self._process(rows, result)
+
+    def _process(self, rows: Iterator[tuple[str, int, dict[str, Any]]], result: ChunkResult) -> None:
         import numpy as np
 
         s, fmt = self.s, self.fmt
@@ -749,6 +755,21 @@ class RowProcessor:
             result.snippets = [x[:120] for x in joined]
         if self.sketcher is not None and n == 0:
             result.bands = np.zeros((0, self.sketcher.bands), dtype=np.uint64)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a chunk is handled: it makes (and frees) many small
+    objects, whose collections would cost a worker about 5% of its time and find nothing (rows
+    hold no reference cycles). Any cycle made meanwhile is collected afterwards."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _digest8(data: bytes) -> bytes:
@@ -1071,110 +1092,111 @@ class Pipeline:
                                                              st.train_labels.append, st.train_ends.append)
         is_train = role == "train"
         for res in chunks:
-            if res.relative:
-                res.bad = [(f, (ln + line_base) if ln else ln, m) for f, ln, m in res.bad]
-            self._bad_rows(res.bad, res.bad_count)
-            rep.rows_read += res.read
-            steps["normalize"].changed += res.normalized
-            for k, v in res.seconds.items():
-                steps[k].seconds += v
-            t0 = clock()
-            hashes = res.hashes.tolist() if res.hashes is not None else []
-            bands = res.bands.tolist() if res.bands is not None and index is not None else None
-            if bands is not None:
-                for i in res.no_bands:
-                    bands[i] = None
-            base = line_base if res.relative else 0
-            files, lines, chars_of = res.files, res.row_lines.tolist(), res.chars.tolist()
-            short, pii_of, blocked = res.short.tolist(), res.pii, set(res.blocked)
-            exact = res.tokens.tolist() if res.tokens is not None else None
-            labels = res.labels
-            ends = res.payload_ends.tolist() if res.payload_ends is not None else None
-            runs: list[tuple[int, int]] = []  # kept rows' byte ranges in res.payload, merged
-            kept = 0
-            for i in range(len(files)):
-                chars = chars_of[i]
-                exact_tokens = exact[i] if exact is not None else None
-                tokens = exact_tokens if exact_tokens is not None else -(-chars // CHARS_PER_TOKEN)
-                if (short[i] or chars < min_chars or (max_chars and chars > max_chars)
-                        or (exact_tokens is not None and (tokens < min_tokens
-                                                          or (max_tokens and tokens > max_tokens)))):
-                    length.removed += 1
-                    continue
-                line = lines[i] + base
-                h = hashes[i]
-                first = seen_get(h)
-                if first is not None:
-                    rep.duplicates += 1
-                    if len(rep.duplicate_examples) < EXAMPLES_PER_KIND:
-                        rep.duplicate_examples.append(
-                            f"{files[i]}:{line} repeats {st.files[first >> 40]}:{first & ((1 << 40) - 1)}")
-                    if s.dedup:
-                        dedup.removed += 1
+            with _gc_paused():  # see RowProcessor.process
+                if res.relative:
+                    res.bad = [(f, (ln + line_base) if ln else ln, m) for f, ln, m in res.bad]
+                self._bad_rows(res.bad, res.bad_count)
+                rep.rows_read += res.read
+                steps["normalize"].changed += res.normalized
+                for k, v in res.seconds.items():
+                    steps[k].seconds += v
+                t0 = clock()
+                hashes = res.hashes.tolist() if res.hashes is not None else []
+                bands = res.bands.tolist() if res.bands is not None and index is not None else None
+                if bands is not None:
+                    for i in res.no_bands:
+                        bands[i] = None
+                base = line_base if res.relative else 0
+                files, lines, chars_of = res.files, res.row_lines.tolist(), res.chars.tolist()
+                short, pii_of, blocked = res.short.tolist(), res.pii, set(res.blocked)
+                exact = res.tokens.tolist() if res.tokens is not None else None
+                labels = res.labels
+                ends = res.payload_ends.tolist() if res.payload_ends is not None else None
+                runs: list[tuple[int, int]] = []  # kept rows' byte ranges in res.payload, merged
+                kept = 0
+                for i in range(len(files)):
+                    chars = chars_of[i]
+                    exact_tokens = exact[i] if exact is not None else None
+                    tokens = exact_tokens if exact_tokens is not None else -(-chars // CHARS_PER_TOKEN)
+                    if (short[i] or chars < min_chars or (max_chars and chars > max_chars)
+                            or (exact_tokens is not None and (tokens < min_tokens
+                                                              or (max_tokens and tokens > max_tokens)))):
+                        length.removed += 1
                         continue
-                else:
-                    fid = file_ids.get(files[i])
-                    if fid is None:
-                        fid = file_ids[files[i]] = len(st.files)
-                        st.files.append(files[i])
-                    seen[h] = (fid << 40) | line
-                    keys = bands[i] if bands is not None else None
-                    if keys is not None and index.seen_or_add(keys):
-                        rep.near_duplicates += 1
-                        if len(rep.near_duplicate_examples) < EXAMPLES_PER_KIND:
-                            rep.near_duplicate_examples.append(f"{files[i]}:{line}: {_snippet(res, i)}")
-                        if s.near_dedup:
-                            near.removed += 1
+                    line = lines[i] + base
+                    h = hashes[i]
+                    first = seen_get(h)
+                    if first is not None:
+                        rep.duplicates += 1
+                        if len(rep.duplicate_examples) < EXAMPLES_PER_KIND:
+                            rep.duplicate_examples.append(
+                                f"{files[i]}:{line} repeats {st.files[first >> 40]}:{first & ((1 << 40) - 1)}")
+                        if s.dedup:
+                            dedup.removed += 1
                             continue
-                pii = pii_of.get(i)
-                if pii:
-                    for kind, n in pii["counts"].items():
-                        rep.pii[kind] = rep.pii.get(kind, 0) + n
-                    if s.scrub_pii:
-                        pii_step.changed += 1
-                    for kind, masked in pii["examples"]:
-                        ex = rep.pii_examples.setdefault(kind, [])
-                        if len(ex) < EXAMPLES_PER_KIND:
-                            ex.append(f"{masked} ({files[i]}:{line})")
-                if i in blocked:
-                    block.removed += 1
-                    continue
-                kept += 1
-                keep_chars(chars)
-                keep_tokens(tokens)
-                if max_seq_len and tokens > max_seq_len:
-                    rep.over_max_seq_len += 1
-                    if len(rep.over_examples) < EXAMPLES_PER_KIND:
-                        rep.over_examples.append(f"{files[i]}:{line}: {tokens:,} tokens")
-                if label_column:
-                    label = labels[i]
-                    rep.labels[label] = rep.labels.get(label, 0) + 1
-                    lid = st.label_ids.setdefault(label, len(st.label_ids))
-                    if is_train:
-                        train_labels(lid)
-                if out is not None:
-                    start, end = ends[i - 1] if i else 0, ends[i]
-                    if runs and runs[-1][1] == start:
-                        runs[-1] = (runs[-1][0], end)
                     else:
-                        runs.append((start, end))
-                    if is_train:
-                        st.train_bytes += end - start
-                        train_ends(st.train_bytes)
-            st.kept += kept
-            if is_train:
-                rep.train_rows += kept
-            else:
-                rep.validation_rows += kept
-            if runs:
-                view = memoryview(res.payload)
-                for start, end in runs:
-                    out.write(view[start:end])
-            self._main_seconds["decide"] += clock() - t0
-            if res.relative:
-                line_base += res.lines
-            if self.progress:
-                self.progress(rep.rows_read)
+                        fid = file_ids.get(files[i])
+                        if fid is None:
+                            fid = file_ids[files[i]] = len(st.files)
+                            st.files.append(files[i])
+                        seen[h] = (fid << 40) | line
+                        keys = bands[i] if bands is not None else None
+                        if keys is not None and index.seen_or_add(keys):
+                            rep.near_duplicates += 1
+                            if len(rep.near_duplicate_examples) < EXAMPLES_PER_KIND:
+                                rep.near_duplicate_examples.append(f"{files[i]}:{line}: {_snippet(res, i)}")
+                            if s.near_dedup:
+                                near.removed += 1
+                                continue
+                    pii = pii_of.get(i)
+                    if pii:
+                        for kind, n in pii["counts"].items():
+                            rep.pii[kind] = rep.pii.get(kind, 0) + n
+                        if s.scrub_pii:
+                            pii_step.changed += 1
+                        for kind, masked in pii["examples"]:
+                            ex = rep.pii_examples.setdefault(kind, [])
+                            if len(ex) < EXAMPLES_PER_KIND:
+                                ex.append(f"{masked} ({files[i]}:{line})")
+                    if i in blocked:
+                        block.removed += 1
+                        continue
+                    kept += 1
+                    keep_chars(chars)
+                    keep_tokens(tokens)
+                    if max_seq_len and tokens > max_seq_len:
+                        rep.over_max_seq_len += 1
+                        if len(rep.over_examples) < EXAMPLES_PER_KIND:
+                            rep.over_examples.append(f"{files[i]}:{line}: {tokens:,} tokens")
+                    if label_column:
+                        label = labels[i]
+                        rep.labels[label] = rep.labels.get(label, 0) + 1
+                        lid = st.label_ids.setdefault(label, len(st.label_ids))
+                        if is_train:
+                            train_labels(lid)
+                    if out is not None:
+                        start, end = ends[i - 1] if i else 0, ends[i]
+                        if runs and runs[-1][1] == start:
+                            runs[-1] = (runs[-1][0], end)
+                        else:
+                            runs.append((start, end))
+                        if is_train:
+                            st.train_bytes += end - start
+                            train_ends(st.train_bytes)
+                st.kept += kept
+                if is_train:
+                    rep.train_rows += kept
+                else:
+                    rep.validation_rows += kept
+                if runs:
+                    view = memoryview(res.payload)
+                    for start, end in runs:
+                        out.write(view[start:end])
+                self._main_seconds["decide"] += clock() - t0
+                if res.relative:
+                    line_base += res.lines
+                if self.progress:
+                    self.progress(rep.rows_read)
 
     def _finish(self, st: _State, tmp: dict[str, Path | None]) -> None:
         s, rep = self.s, self.report
