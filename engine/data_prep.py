@@ -312,10 +312,11 @@ def normalize_texts(texts: list[str]) -> list[str]:
     if not sc:
         control = np.arange(256, dtype=np.uint8)
         assert bytes(np.flatnonzero(((control < 32) & ((control - np.uint8(9)) > 1)) | (control == 127)).tolist()) == _CONTROL_BYTES
-        sc["lead"] = np.array(sorted({b[0] for b in _SPECIAL_UTF8}), dtype=np.uint8)
-        sc["two"] = np.array([int.from_bytes(b, "big") for b in _SPECIAL_UTF8 if len(b) == 2])
-        sc["three"] = np.array([int.from_bytes(b, "big") for b in _SPECIAL_UTF8 if len(b) == 3])
-        assert all(len(b) in (2, 3) for b in _SPECIAL_UTF8)
+        sc["lead"] = np.zeros(256, dtype=bool)
+        sc["lead"][sorted({b[0] for b in _SPECIAL_UTF8})] = True
+        sc["two"] = np.array(sorted(int.from_bytes(b, "big") for b in _SPECIAL_UTF8 if len(b) == 2))
+        sc["three"] = np.array(sorted(int.from_bytes(b, "big") for b in _SPECIAL_UTF8 if len(b) == 3))
+        assert all(len(b) in (2, 3) for b in _SPECIAL_UTF8) and min(np.flatnonzero(sc["lead"])) >= 0x80
     encoded = [t.encode("utf-8", "surrogatepass") for t in texts]
     slow = [False] * len(texts)
     i = 0
@@ -326,16 +327,21 @@ def normalize_texts(texts: list[str]) -> list[str]:
             j += 1
         # 0xff (never in UTF-8) between texts and after the last: no pattern spans two texts
         data = np.frombuffer(b"\xff".join(encoded[i:j]) + b"\xff\xff", dtype=np.uint8)
+        # every pattern holds a byte below 32, 127 or one of 0x80 and up (a lead byte): one
+        # pass finds those few places (byte - 32 wraps below 32), the tests look only there
+        pos = np.flatnonzero((data[:-2] - np.uint8(32)) >= 95)
+        value = data[pos]
         # control characters: below 32 but tab (9) and line end (10), or 127
-        flag = ((data < 32) & ((data - np.uint8(9)) > 1)) | (data == 127)
-        nl = data == 10
-        flag[:-1] |= ((data[:-1] == 32) | (data[:-1] == 9)) & nl[1:]  # " \n", "\t\n"
-        flag[:-2] |= nl[:-2] & nl[1:-1] & nl[2:]  # "\n\n\n"
-        lead = np.flatnonzero(np.isin(data[:-2], sc["lead"]))
+        bad = ((value < 32) & ((value - np.uint8(9)) > 1)) | (value == 127)
+        nl = value == 10
+        bad |= nl & ((data[pos - 1] == 32) | (data[pos - 1] == 9))  # " \n", "\t\n" (-1: a 0xff)
+        bad |= nl & (data[pos + 1] == 10) & (data[pos + 2] == 10)  # "\n\n\n"
+        lead = np.flatnonzero(sc["lead"][value])
         if len(lead):
-            code = (data[lead].astype(np.int64) << 16) | (data[lead + 1].astype(np.int64) << 8) | data[lead + 2]
-            flag[lead[np.isin(code, sc["three"]) | np.isin(code >> 8, sc["two"])]] = True
-        places = np.flatnonzero(flag)
+            at = pos[lead]
+            code = (data[at].astype(np.int64) << 16) | (data[at + 1].astype(np.int64) << 8) | data[at + 2]
+            bad[lead] |= _sorted_member(code, sc["three"]) | _sorted_member(code >> 8, sc["two"])
+        places = pos[bad]
         if len(places):
             start = np.zeros(j - i, dtype=np.int64)
             np.cumsum([len(e) + 1 for e in encoded[i:j - 1]], out=start[1:])
@@ -344,6 +350,14 @@ def normalize_texts(texts: list[str]) -> list[str]:
         i = j
     return [normalize_text(t) if bad or not (t.isascii() or unicodedata.is_normalized("NFC", t))
             else t.strip() for t, bad in zip(texts, slow, strict=True)]
+
+
+def _sorted_member(values, known):
+    """``np.isin(values, known)`` for a sorted ``known``, without isin's set-up cost."""
+    import numpy as np
+
+    at = np.minimum(np.searchsorted(known, values), len(known) - 1)
+    return known[at] == values
 
 
 # Text per numpy pass (sketching, normalising): small enough that the arrays stay in cache and
