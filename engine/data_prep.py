@@ -46,6 +46,7 @@ import os
 import re
 import shutil
 import struct
+import threading
 import time
 import unicodedata
 from array import array
@@ -491,12 +492,27 @@ class _Sketcher:
         return keys, np.flatnonzero(count == 0)
 
 
-def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
-    """(bands, rows per band) that datasketch's MinHashLSH picks for this threshold."""
-    from datasketch import MinHashLSH
+_LSH_PARAMS: dict[tuple[float, int], tuple[int, int]] = {}
+_LSH_LOCK = threading.Lock()
 
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    return lsh.b, lsh.r
+
+def _warm_lsh_params(threshold: float) -> None:
+    try:
+        lsh_params(threshold)
+    except Exception:  # noqa: BLE001 - raised again where the pipeline asks for them
+        pass
+
+
+def lsh_params(threshold: float, num_perm: int = NUM_PERM) -> tuple[int, int]:
+    """(bands, rows per band) that datasketch's MinHashLSH picks for this threshold (once a
+    process: importing datasketch takes half a second, see prepare)."""
+    with _LSH_LOCK:
+        if (threshold, num_perm) not in _LSH_PARAMS:
+            from datasketch import MinHashLSH
+
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+            _LSH_PARAMS[threshold, num_perm] = (lsh.b, lsh.r)
+        return _LSH_PARAMS[threshold, num_perm]
 
 
 class NearDupIndex:
@@ -1357,6 +1373,8 @@ class Prepared:
 def prepare(settings: PrepSettings, workspace: str | Path, *, file_hashes: dict[str, str] | None = None,
             progress=None) -> Prepared:
     """Prepare the data (or find it in the cache). Raises DataError for bad data."""
+    if settings.near_dedup:  # its import runs while the input is hashed (which frees the GIL)
+        threading.Thread(target=_warm_lsh_params, args=(settings.near_dedup_threshold,), daemon=True).start()
     fp = fingerprint(settings, file_hashes)
     root = cache_root(workspace)
     final = root / fp
