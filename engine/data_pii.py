@@ -560,17 +560,17 @@ def _prescan(encoded: list[bytes]) -> dict[int, tuple[list[int], list[tuple[int,
             j += 1
         a, b = bounds[i], bounds[j]  # texts i to j - 1 and the "\n" after each
         seg = data[a:b]
-        code = data[a:b - 1].astype(np.uint32)  # a sequence starting at the last "\n": none
-        code <<= 8
-        code |= data[a + 1:b]
-        code <<= 8
-        code |= data[a + 2:b + 1]
         # a first look-up by the first two bytes (a small table that stays in cache) leaves
-        # few places for the 16 MB table of three bytes
-        pair = (code >> 8).astype(np.uint16)
+        # few places for the 16 MB table of three bytes (none starts at the last "\n")
+        pair = data[a:b - 1].astype(np.uint16)
+        pair <<= 8
+        pair |= data[a + 1:b]
         maybe = np.flatnonzero(np.take(sc["pairs"], pair))
         if len(maybe):
-            kinds = np.take(sc["table"], code[maybe])
+            code = pair[maybe].astype(np.uint32)
+            code <<= 8
+            code |= data[maybe + (a + 2)]
+            kinds = np.take(sc["table"], code)
             found = kinds != 0
             hit_parts.append(maybe[found] + a)
             kind_parts.append(kinds[found])
