@@ -508,4 +508,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from engine.events import end_rank
+
+    end_rank(main())
