@@ -93,7 +93,7 @@ def cmd_profile_command(args: argparse.Namespace) -> int:
     run_dir = runs_dir(resolve_workspace(args.workspace)) / "<run-id>"
     cmd = build_command(lp, pl, run_dir, node_rank=args.node_rank)
     if args.json:
-        print(json.dumps({"argv": cmd.argv, "env": cmd.env}))
+        print(json.dumps({"argv": cmd.argv, "env": cmd.env, "exec_argv": cmd.run_argv}))
     else:
         print(cmd.shell())
         if pl.num_nodes > 1 and lp.profile.resources.no_ssh:

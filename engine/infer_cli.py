@@ -161,12 +161,10 @@ def _is_profile(target: str) -> bool:
 def inference_command(lp, run_dir: Path, mode: str, gpus: int, engine_args: list[str]):
     """The launcher command of engine.infer: the training command with the inference module."""
     from engine.dsconfig import resolve_placement
-    from engine.launcher import ENGINE_MODULE, build_command
+    from engine.launcher import build_command
 
     pl = replace(resolve_placement(lp), gpus_per_node=gpus, num_nodes=1)
-    cmd = build_command(lp, pl, run_dir, engine_args=["--mode", mode, *engine_args])
-    cmd.argv = ["engine.infer" if a == ENGINE_MODULE else a for a in cmd.argv]
-    return cmd
+    return build_command(lp, pl, run_dir, engine_args=["--mode", mode, *engine_args]).with_module("engine.infer")
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -216,7 +214,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     _err(f"{mode} inference on {gpus} rank(s) in {run_dir}")
     log_path = run_dir / "infer.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.run(cmd.argv, env={**os.environ, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.run(cmd.run_argv, env={**os.environ, **cmd.env}, stdout=log, stderr=subprocess.STDOUT,
                               stdin=subprocess.DEVNULL)
     new_events = _events_after(events_path, offset)
     summary = next((e for e in reversed(new_events) if e["event"] == "infer"), None)

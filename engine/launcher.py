@@ -2,10 +2,19 @@
 
 Multi-node is DeepSpeed's: a hostfile and pdsh/ssh from node 0, or ``--no_ssh`` where each
 node starts its own launcher with its node rank (clusters without passwordless ssh).
+
+On one node, the ``deepspeed`` command (deepspeed.launcher.runner) only works out the world
+info and starts ``python -m deepspeed.launcher.launch`` with it; that costs a second Python
+process importing DeepSpeed, 1.5 to 2 s before any rank starts. zerotune starts
+deepspeed.launcher.launch itself with the same arguments (``LaunchCommand.exec_argv``) and
+shows and records the ``deepspeed`` command it stands for (``argv``: command.txt,
+``zerotune profile command``), which a person can run by hand to the same effect.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import shlex
 import socket
 import sys
@@ -33,11 +42,35 @@ def _bin(name: str) -> str:
 @dataclass
 class LaunchCommand:
     argv: list[str]
+    """The command as a person types it (``deepspeed ...`` or ``torchrun ...``)."""
     env: dict[str, str]
+    exec_argv: list[str] | None = None
+    """What zerotune runs when it differs from ``argv``: the same launch, one process fewer."""
+
+    @property
+    def run_argv(self) -> list[str]:
+        return self.exec_argv or self.argv
 
     def shell(self) -> str:
         env = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(self.env.items()))
         return (env + " " if env else "") + shlex.join(self.argv)
+
+    def with_module(self, module: str) -> LaunchCommand:
+        """The same launch of another engine module (engine.infer)."""
+        swap = lambda argv: [module if a == ENGINE_MODULE else a for a in argv]  # noqa: E731
+        return LaunchCommand(swap(self.argv), dict(self.env), swap(self.exec_argv) if self.exec_argv else None)
+
+
+def local_launch_argv(num_local_ranks: int, master_addr: str, master_port: int,
+                      module_args: list[str]) -> list[str]:
+    """``python -m deepspeed.launcher.launch`` as deepspeed.launcher.runner starts it for
+    ``deepspeed --num_gpus N --master_addr A --master_port P --module ...`` on one node:
+    world info ``{"localhost": [0 .. N-1]}`` (the launcher sets CUDA_VISIBLE_DEVICES from it)."""
+    world = json.dumps({"localhost": list(range(num_local_ranks))}).encode()
+    return [sys.executable, "-u", "-m", "deepspeed.launcher.launch",
+            f"--world_info={base64.urlsafe_b64encode(world).decode()}",
+            f"--master_addr={master_addr}", f"--master_port={master_port}", "--module",
+            "--log_level=info", *module_args]
 
 
 def build_command(
@@ -78,5 +111,9 @@ def build_command(
         argv += ["--num_gpus", str(placement.gpus_per_node)]
         if placement.device == "cpu":
             argv += ["--master_addr", "127.0.0.1"]
+        argv += ["--master_port", str(port), "--module", ENGINE_MODULE, *entry]
+        # Without a hostfile the runner itself launches on 127.0.0.1 whatever --master_addr says.
+        return LaunchCommand(argv, env, local_launch_argv(placement.gpus_per_node, "127.0.0.1", port,
+                                                          [ENGINE_MODULE, *entry]))
     argv += ["--master_port", str(port), "--module", ENGINE_MODULE, *entry]
     return LaunchCommand(argv, env)

@@ -210,7 +210,8 @@ def prepare_run(
     launch = {
         "run_id": run_id,
         "name": lp.profile.name,
-        "argv": cmd.argv,
+        "argv": cmd.run_argv,
+        "command": cmd.argv,
         "env": cmd.env,
         "cwd": str(Path.cwd()),
         "method": lp.profile.method.kind,

@@ -197,6 +197,58 @@ def test_command_is_the_deepspeed_launcher(tmp_path: Path) -> None:
     assert "torchrun" in torch.stdout and "--nproc_per_node=2" in torch.stdout
 
 
+RUNNER_CMD = r"""
+import json, subprocess, sys
+from deepspeed.launcher import runner
+
+real_popen = subprocess.Popen
+
+class Recorded:  # stands in for the launch.py process the runner would start
+    returncode = 0
+    def __init__(self, cmd, env=None):
+        print(json.dumps(cmd))
+    def wait(self):
+        return 0
+
+def popen(cmd, *args, **kwargs):  # other calls (device probes) run for real
+    if isinstance(cmd, list) and "deepspeed.launcher.launch" in cmd:
+        return Recorded(cmd)
+    return real_popen(cmd, *args, **kwargs)
+
+subprocess.Popen = popen
+runner.main(sys.argv[1:])
+"""
+
+
+def test_single_node_exec_argv_is_what_the_deepspeed_runner_starts(tmp_path: Path) -> None:
+    """On one node zerotune starts deepspeed.launcher.launch itself, one process (and one
+    DeepSpeed import) fewer; DeepSpeed's own runner, given the recorded command, starts the same
+    launch.py command line. Without a hostfile (DeepSpeed's default /job/hostfile must not exist)."""
+    import os
+    import subprocess
+    import sys
+
+    if Path("/job/hostfile").exists():
+        pytest.skip("/job/hostfile exists: deepspeed would launch from it")
+    path = tiny_profile(tmp_path, resources={"gpus_per_node": 2, "master_port": 29612})
+    r = zerotune("profile", "command", str(path), "--json")
+    assert r.returncode == 0, r.stderr
+    cmd = json.loads(r.stdout)
+    assert cmd["exec_argv"][:4] == [sys.executable, "-u", "-m", "deepspeed.launcher.launch"]
+    env = {**os.environ, **cmd["env"]}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    ds = subprocess.run([sys.executable, "-c", RUNNER_CMD, *cmd["argv"][1:]], capture_output=True,
+                        text=True, env=env, cwd=REPO, timeout=120)
+    assert ds.returncode == 0, ds.stderr[-2000:]
+    started = json.loads(ds.stdout.strip().splitlines()[-1])
+    drop = ("--enable_each_rank_log=None",)  # the launcher's default spelled out by the runner
+    assert [a for a in started if a not in drop] == cmd["exec_argv"]
+    # The torchrun and multi-node commands run as they are written.
+    r = zerotune("profile", "command", str(path), "--json", "--set", "resources.launcher=torchrun")
+    t = json.loads(r.stdout)
+    assert t["exec_argv"] == t["argv"]
+
+
 def test_multinode_no_ssh_command(tmp_path: Path) -> None:
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
