@@ -3,9 +3,12 @@
 Runs, in one go and on the same model, data, tokenizer, DeepSpeed config and steps:
   A. `zerotune run PROFILE` (CLI -> supervisor -> deepspeed launcher -> engine.train)
   B. a minimal hand-written DeepSpeed loop (deepspeed launcher -> forward/backward/step)
+  C. the same loop started the way zerotune starts one node (python -m deepspeed.launcher.launch
+     with the world info, without the `deepspeed` runner process in front): start-up only
 and prints throughput over the same window of steps (first steps excluded as warm-up) and the
 wall time from the command's start to the end of the first optimizer step.
 Targets: throughput ratio A/B >= 0.97; A's start-up no more than 2 s longer than B's.
+A - C is what zerotune's own work (CLI, data cache check, supervisor, Trainer) costs at start.
 
 Throughput is given two ways: tokens over the window's wall time, and tokens per median step
 time (robust to a stall of the shared machine in one step). Before the timed rounds, one
@@ -82,15 +85,22 @@ def zerotune_run(tmp: Path, profile: Path, steps: int) -> dict:
             "tokens_per_step": MBS * SEQ, "run_dir": run_dir}
 
 
-def hand_loop(tmp: Path, run_dir: Path, steps: int, idx: int) -> dict:
+def hand_loop(tmp: Path, run_dir: Path, steps: int, idx: int, direct: bool = False) -> dict:
     script = tmp / "hand_loop.py"
     script.write_text(HAND_LOOP)
-    out = tmp / f"hand{idx}.json"
-    launcher = str(Path(sys.executable).parent / "deepspeed")
+    out = tmp / f"hand{idx}{'c' if direct else ''}.json"
+    port = str(29700 + 2 * idx + direct)
+    if direct:
+        from engine.launcher import local_launch_argv
+
+        cmd = local_launch_argv(1, "127.0.0.1", int(port), [])
+        cmd.remove("--module")
+    else:
+        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_addr", "127.0.0.1",
+               "--master_port", port]
     t0 = time.time()
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "BENCH_T0": str(t0)}
-    r = subprocess.run([launcher, "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port",
-                        str(29700 + idx), str(script), str(run_dir), str(steps), str(out)],
+    r = subprocess.run([*cmd, str(script), str(run_dir), str(steps), str(out)],
                        capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL)
     if r.returncode != 0:
         sys.exit(f"hand-written loop failed:\n{r.stderr[-3000:]}")
@@ -135,7 +145,7 @@ def main() -> None:
                          "eval_every": 100000, "save_every": 100000, "warmup_ratio": 0.0},
             "deepspeed": {"zero_stage": 2},
         }, sort_keys=False))
-        a_runs, b_runs = [], []
+        a_runs, b_runs, c_runs = [], [], []
         for i in range(args.repeat + 1):  # round 0 warms up and is not counted
             a = zerotune_run(tmp, profile, args.steps if i else 2)
             (a["run_dir"] / "bench_model.json").write_text(json.dumps(
@@ -144,6 +154,7 @@ def main() -> None:
             if i == 0:
                 first_a, first_b = a["first_step_s"], b["first_step_s"]
                 continue
+            c_runs.append(hand_loop(tmp, a["run_dir"], 2, i, direct=True))
             a_runs.append(a)
             b_runs.append(b)
         ta = [throughput(r, args.warmup) for r in a_runs]
@@ -152,6 +163,7 @@ def main() -> None:
         mb = [median_step_throughput(r, args.warmup) for r in b_runs]
         fa = [r["first_step_s"] for r in a_runs]
         fb = [r["first_step_s"] for r in b_runs]
+        fc = [r["first_step_s"] for r in c_runs]
     print(f"model: llama hidden {MODEL['hidden_size']} x {MODEL['num_hidden_layers']} layers, "
           f"seq {SEQ}, micro-batch {MBS}, ZeRO-2, {args.steps} steps ({args.warmup} warm-up), "
           f"{args.repeat} alternating repeats, CPU")
@@ -164,8 +176,11 @@ def main() -> None:
           f"{statistics.median(fa) - statistics.median(fb):+12.2f}")
     print(f"{'first run, new workspace s':28}{first_a:14.2f}{first_b:12.2f}{first_a - first_b:+12.2f}"
           "   (untimed warm-up round: cold page cache, data preparation, new history database)")
+    print(f"{'C: hand loop via launch.py':28}{'':14}{statistics.median(fc):12.2f}"
+          f"{statistics.median(fa) - statistics.median(fc):+12.2f}   (time to first step; A - C: zerotune's own start-up)")
     print("per repeat tokens/s A:", [round(x) for x in ta], "B:", [round(x) for x in tb])
-    print("per repeat first step s A:", [round(x, 2) for x in fa], "B:", [round(x, 2) for x in fb])
+    print("per repeat first step s A:", [round(x, 2) for x in fa], "B:", [round(x, 2) for x in fb],
+          "C:", [round(x, 2) for x in fc])
     ok_t = statistics.median(ta) / statistics.median(tb) >= 0.97
     ok_s = statistics.median(fa) - statistics.median(fb) <= 2.0
     print(f"targets: throughput ratio >= 0.97: {'met' if ok_t else 'NOT met'}; "

@@ -30,6 +30,19 @@ def _num(x: Any, spec: str = ".4f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and math.isfinite(x) else "-"
 
 
+def evaluation_line(ev: dict[str, Any]) -> str:
+    """The after-training evaluation event in one line: each metric, and base -> tuned when
+    the base model was evaluated too."""
+    parts = []
+    for row in ev.get("evaluation") or []:
+        fmt = ".2f" if row["name"] == "perplexity" else ".4f"
+        tuned = _num(row.get("tuned"), fmt)
+        parts.append(f"{row['name']} {_num(row['base'], fmt)} -> {tuned}" if row.get("base") is not None
+                     else f"{row['name']} {tuned}")
+    return (f"held-out evaluation ({ev.get('heldout_rows', '?')} rows): "
+            + (", ".join(parts) if parts else "no metrics"))
+
+
 class Progress:
     """Renders the state of a run from its events."""
 
@@ -62,6 +75,8 @@ class Progress:
             if self.t_first is None:
                 self.t_first, self.step_first = ev["t"], self.step
             self.bar(ev["t"])
+        elif kind == "eval" and ev.get("stage") == "evaluation":
+            self.line(evaluation_line(ev))
         elif kind == "eval":
             self.eval_loss = ev.get("eval_loss")
             self.line(f"step {ev.get('step')}: eval loss {_num(self.eval_loss)}, "

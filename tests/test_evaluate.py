@@ -46,6 +46,23 @@ def test_comparison_rows_have_deltas() -> None:
     assert ev.comparison({"bleu": 1.0}, None)[0]["base"] is None
 
 
+def test_run_output_shows_the_heldout_evaluation_once_not_as_another_eval_loss() -> None:
+    import io
+
+    from engine.attach import Progress
+
+    out = io.StringIO()
+    progress = Progress(out, tty=False)
+    progress.feed({"event": "eval", "t": 1.0, "step": 200, "eval_loss": 6.19, "perplexity": 487.6})
+    table = ev.comparison({"perplexity": 487.6, "exact_match": 0.25}, {"perplexity": 4136.3, "exact_match": 0.0})
+    progress.feed({"event": "eval", "t": 2.0, "step": 200, "stage": "evaluation", "heldout_rows": 40,
+                   "eval_loss": 6.19, "perplexity": 487.6, "evaluation": table})
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "step 200: eval loss 6.1900, perplexity 487.60"
+    assert lines[1] == "held-out evaluation (40 rows): perplexity 4136.30 -> 487.60, exact_match 0.0000 -> 0.2500"
+    assert len(lines) == 2
+
+
 class _State:
     def __init__(self) -> None:
         self.global_step = 10
