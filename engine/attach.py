@@ -32,14 +32,15 @@ def _num(x: Any, spec: str = ".4f") -> str:
 
 def evaluation_line(ev: dict[str, Any]) -> str:
     """The after-training evaluation event in one line: each metric, and base -> tuned when
-    the base model was evaluated too."""
+    the base model was evaluated too. Its rows are scored one by one (no packing), so its
+    perplexity differs from the trainer's eval loss over packed blocks."""
     parts = []
     for row in ev.get("evaluation") or []:
         fmt = ".2f" if row["name"] == "perplexity" else ".4f"
         tuned = _num(row.get("tuned"), fmt)
         parts.append(f"{row['name']} {_num(row['base'], fmt)} -> {tuned}" if row.get("base") is not None
                      else f"{row['name']} {tuned}")
-    return (f"held-out evaluation ({ev.get('heldout_rows', '?')} rows): "
+    return (f"held-out evaluation, {ev.get('heldout_rows', '?')} rows scored one by one: "
             + (", ".join(parts) if parts else "no metrics"))
 
 

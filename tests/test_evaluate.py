@@ -59,7 +59,7 @@ def test_run_output_shows_the_heldout_evaluation_once_not_as_another_eval_loss()
                    "eval_loss": 6.19, "perplexity": 487.6, "evaluation": table})
     lines = out.getvalue().splitlines()
     assert lines[0] == "step 200: eval loss 6.1900, perplexity 487.60"
-    assert lines[1] == "held-out evaluation (40 rows): perplexity 4136.30 -> 487.60, exact_match 0.0000 -> 0.2500"
+    assert lines[1] == "held-out evaluation, 40 rows scored one by one: perplexity 4136.30 -> 487.60, exact_match 0.0000 -> 0.2500"
     assert len(lines) == 2
 
 
