@@ -93,8 +93,7 @@ def hand_loop(tmp: Path, run_dir: Path, steps: int, idx: int, direct: bool = Fal
     if direct:
         from engine.launcher import local_launch_argv
 
-        cmd = local_launch_argv(1, "127.0.0.1", int(port), [])
-        cmd.remove("--module")
+        cmd = local_launch_argv(1, "127.0.0.1", int(port), [], module=False)
     else:
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "1", "--master_addr", "127.0.0.1",
                "--master_port", port]

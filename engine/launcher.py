@@ -57,20 +57,22 @@ class LaunchCommand:
 
     def with_module(self, module: str) -> LaunchCommand:
         """The same launch of another engine module (engine.infer)."""
-        swap = lambda argv: [module if a == ENGINE_MODULE else a for a in argv]  # noqa: E731
+        def swap(argv: list[str]) -> list[str]:
+            return [module if a == ENGINE_MODULE else a for a in argv]
+
         return LaunchCommand(swap(self.argv), dict(self.env), swap(self.exec_argv) if self.exec_argv else None)
 
 
 def local_launch_argv(num_local_ranks: int, master_addr: str, master_port: int,
-                      module_args: list[str]) -> list[str]:
+                      module_args: list[str], *, module: bool = True) -> list[str]:
     """``python -m deepspeed.launcher.launch`` as deepspeed.launcher.runner starts it for
     ``deepspeed --num_gpus N --master_addr A --master_port P --module ...`` on one node:
     world info ``{"localhost": [0 .. N-1]}`` (the launcher sets CUDA_VISIBLE_DEVICES from it)."""
     world = json.dumps({"localhost": list(range(num_local_ranks))}).encode()
     return [sys.executable, "-u", "-m", "deepspeed.launcher.launch",
             f"--world_info={base64.urlsafe_b64encode(world).decode()}",
-            f"--master_addr={master_addr}", f"--master_port={master_port}", "--module",
-            "--log_level=info", *module_args]
+            f"--master_addr={master_addr}", f"--master_port={master_port}",
+            *(["--module"] if module else []), "--log_level=info", *module_args]
 
 
 def build_command(
@@ -111,9 +113,9 @@ def build_command(
         argv += ["--num_gpus", str(placement.gpus_per_node)]
         if placement.device == "cpu":
             argv += ["--master_addr", "127.0.0.1"]
-        argv += ["--master_port", str(port), "--module", ENGINE_MODULE, *entry]
-        # Without a hostfile the runner itself launches on 127.0.0.1 whatever --master_addr says.
-        return LaunchCommand(argv, env, local_launch_argv(placement.gpus_per_node, "127.0.0.1", port,
-                                                          [ENGINE_MODULE, *entry]))
     argv += ["--master_port", str(port), "--module", ENGINE_MODULE, *entry]
-    return LaunchCommand(argv, env)
+    exec_argv = None
+    if placement.num_nodes == 1:
+        # Without a hostfile the runner itself launches on 127.0.0.1 whatever --master_addr says.
+        exec_argv = local_launch_argv(placement.gpus_per_node, "127.0.0.1", port, [ENGINE_MODULE, *entry])
+    return LaunchCommand(argv, env, exec_argv)
