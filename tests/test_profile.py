@@ -243,7 +243,7 @@ def test_single_node_exec_argv_is_what_the_deepspeed_runner_starts(tmp_path: Pat
     started = json.loads(ds.stdout.strip().splitlines()[-1])
     drop = ("--enable_each_rank_log=None",)  # the launcher's default spelled out by the runner
     assert [a for a in started if a not in drop] == cmd["exec_argv"]
-    # The torchrun and multi-node commands run as they are written.
+    # torchrun runs as it is written (multi-node: test_multinode_no_ssh_command).
     r = zerotune("profile", "command", str(path), "--json", "--set", "resources.launcher=torchrun")
     t = json.loads(r.stdout)
     assert t["exec_argv"] == t["argv"]
@@ -259,6 +259,7 @@ def test_multinode_no_ssh_command(tmp_path: Path) -> None:
     assert argv[argv.index("--hostfile") + 1] == str(hostfile)
     assert "--no_ssh" in argv and argv[argv.index("--node_rank") + 1] == "1"
     assert argv[argv.index("--num_nodes") + 1] == "2"
+    assert json.loads(r.stdout)["exec_argv"] == argv  # multi-node runs the deepspeed command as written
 
 
 def test_dsconfig_accepted_by_deepspeed_initialize(tmp_path: Path) -> None:

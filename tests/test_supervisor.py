@@ -7,12 +7,10 @@ or DeepSpeed's own deepspeed.launcher.launch.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +21,7 @@ import pytest
 
 from engine import history
 from engine.history import open_db
+from engine.launcher import free_port, local_launch_argv
 from engine.supervisor import classify_end, failure_reason, process_alive, spawn_supervisor, stop
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -30,12 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 STEP_METRICS = 8  # numeric fields of a fake step event besides step/total_steps
 EVAL_METRICS = 2
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_run(ws: Path, run_id: str, *engine_args: str, launcher: str = "direct", nproc: int = 1,
@@ -48,10 +41,7 @@ def make_run(ws: Path, run_id: str, *engine_args: str, launcher: str = "direct",
     if launcher == "fake":
         argv = [PY, str(FIXTURES / "fake_launcher.py"), str(nproc), *engine]
     elif launcher == "deepspeed":
-        world = base64.urlsafe_b64encode(json.dumps({"localhost": list(range(nproc))}).encode())
-        argv = [PY, "-u", "-m", "deepspeed.launcher.launch", f"--world_info={world.decode()}",
-                "--node_rank=0", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-                "--no_local_rank", *engine]
+        argv = local_launch_argv(nproc, "127.0.0.1", free_port(), ["--no_local_rank", *engine], module=False)
         env["DS_ACCELERATOR"] = "cpu"
     else:
         argv = [PY, *engine]
